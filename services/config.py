@@ -33,6 +33,7 @@ class DataConfig(Section):
     dataset: DatasetName = "medpix2"
     root: Path | None = None  # dataset folder; None: $MEDHASH_DATA/<default folder>
     images: Path | None = None  # image folder where it lives apart from the reports (IU X-ray)
+    reports: Path | None = None  # report folder where it lives apart from the images (MIMIC-CXR)
     split_file: Path | None = None  # CSV `id,split` overriding the dataset's own split
     seed: int = 0  # seed of the patient-level split where the source has none
 
@@ -61,6 +62,73 @@ class LLMConfig(Section):
     num_layers: int | None = Field(None, ge=1)  # keep only the first N decoder layers (CPU budget)
 
 
+class TrainConfig(Section):
+    """Optimisation schedule and Ray Train scaling."""
+
+    workers: int = Field(1, ge=1)  # Ray Train workers (GPU nodes in production, CPU here)
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = Field(1.0, gt=0)
+    seed: int = 0
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    align_epochs: int = Field(5, ge=0)  # stage A: align v^x, v^y (float contrastive), GBRBM untouched
+    rbm_epochs: int = Field(5, ge=0)  # stage B: CD-k pre-training of the GBRBM heads on frozen v
+    joint_epochs: int = Field(20, ge=0)  # stage C: joint fine-tuning through p(h|v)
+    view_prob: float = Field(0.5, ge=0, le=1)  # chance a report is replaced by one of its augmented views
+    max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for tiny configs
+    limit_items: int | None = Field(None, ge=8)  # use only the first N items per split (tiny configs)
+    max_failures: int = Field(2, ge=0)  # worker failures Ray Train recovers from
+
+
+class AugmentConfig(Section):
+    """Stage 1, LLM data augmentation: which generator writes the prompt templates' text views."""
+
+    generator: Literal["extractive", "local", "openai"] = "extractive"  # "local": the `llm` section's LM
+    endpoint: str = "http://127.0.0.1:8000"  # "openai": OpenAI-compatible server (vLLM, Ollama, TGI)
+    model: str = ""  # "openai": the model name the server serves
+    api_key_env: str = "MEDHASH_LLM_API_KEY"  # "openai": environment variable holding the API key
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
+    max_new_tokens: int = Field(48, ge=1, le=2048)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: greedy
+    templates: tuple[Literal["image_description", "report_summary", "joint_reasoning"], ...] = (
+        "image_description", "report_summary", "joint_reasoning"
+    )
+    batch_size: int = Field(8, ge=1)  # prompts per LM batch; requests in flight for "openai"
+
+
+class LSCHConfig(Section):
+    """The LSCH model (structured encoding, prompt-tuned LLM, GBRBM hashing), its losses and ablation switches."""
+
+    bits: tuple[int, ...] = (16, 32, 64, 128)  # one hashing head per code length
+    # ablation switches (method.md: switch off one at a time)
+    use_augmentation: bool = True  # LLM-augmented text views (read by the training code)
+    use_structured_encoding: bool = True  # off: one plain linear map Z -> one LLM token
+    use_soft_prompt: bool = True
+    use_hard_prompt: bool = True
+    use_llm: bool = True  # off: v = linear map of the pooled x / y tokens, no LLM
+    use_gbrbm: bool = True  # off: code = sign of a linear layer (tanh relaxation in training)
+    hard_negative_mining: bool = True  # off: plain InfoNCE
+    # architecture
+    m_img_tokens: int = Field(4, ge=1)  # tokens X per image in the LLM embedding space
+    m_txt_tokens: int = Field(4, ge=1)  # tokens Y per report
+    n_virtual_tokens: int = Field(8, ge=1)  # soft prompt length
+    pooling: Literal["mean", "last"] = "mean"  # v = mean over the x / y positions, or the last one
+    image_prompt: str = "Represent this medical image for retrieval of matching radiology reports:"
+    text_prompt: str = "Represent this radiology report for retrieval of matching medical images:"
+    lora_rank: int = Field(0, ge=0)  # > 0: LoRA adapters (peft) on the LLM attention projections
+    embed_dim: int = Field(640, ge=8)  # width of v when no LLM is loaded (use_llm off)
+    # losses
+    tau: float = Field(0.1, gt=0)  # InfoNCE temperature
+    alpha: float = Field(0.5, ge=0)  # manifold-similarity weight (paper, small set, I2T)
+    beta: float = Field(0.8, ge=0)  # quantisation + bit-balance weight (paper, small set, I2T)
+    hard_negative_strength: float = Field(0.5, ge=0)  # beta_h of the negatives' weights exp(beta_h * logit)
+    knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
+    manifold_label_weight: float = Field(0.8, ge=0, le=1)  # share of label cosine in S_ma where labels exist
+    gbrbm_cd_k: int = Field(1, ge=1)  # Gibbs steps of CD-k pre-training
+
+
 class MedhashConfig(Section):
     """The whole configuration."""
 
@@ -68,6 +136,9 @@ class MedhashConfig(Section):
     image_backbone: ImageBackboneConfig = ImageBackboneConfig()
     text_backbone: TextBackboneConfig = TextBackboneConfig()
     llm: LLMConfig = LLMConfig()
+    lsch: LSCHConfig = LSCHConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def load_config(path: Path | str | None = None, **overrides: dict) -> MedhashConfig:

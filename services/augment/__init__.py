@@ -1,0 +1,111 @@
+"""LSCH stage 1: extra text views of each pair from three prompt templates, generated once and cached.
+
+:func:`augment_dataset` fills the templates for every item, answers what the cache holds and
+generates the rest; :func:`load_augmentations` is what training reads.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from services.augment.cache import AugmentCache, Record, cache_path, prompt_hash
+from services.augment.generators import Generator, generator_key, make_generator
+from services.augment.templates import TEMPLATES, acquisition, prompt_fields
+from services.config import AugmentConfig, LLMConfig
+from services.data.item import Dataset, Item
+from services.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Augmentations = dict[str, dict[str, str]]  # item id -> template name -> text
+
+
+@dataclass
+class AugmentRun:
+    """What one run produced: the texts, how many were generated or cached, and the bad items."""
+
+    texts: Augmentations
+    cache_path: Path
+    generated: int = 0
+    cached: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def augment_dataset(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, progress: bool = True) -> Augmentations:
+    """Item id -> template name -> text for ``cfg.templates``, generating only what is not cached."""
+    return run_augmentation(dataset, cfg, llm_cfg, progress=progress).texts
+
+
+def run_augmentation(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, progress: bool = True,
+                     generator: Generator | None = None) -> AugmentRun:
+    """:func:`augment_dataset` with counts and problems; ``generator`` replaces the configured one.
+
+    Templates run in a fixed order, image description first, because joint reasoning is given the
+    description of the same run (or, when that template is not selected, the item's acquisition line).
+    Items without report text are reported and skipped, as are empty generations (not cached, so a
+    later run retries them).
+    """
+    key = generator.key if generator else generator_key(cfg, llm_cfg)
+    cache = AugmentCache(cache_path(dataset.name, key))
+    run = AugmentRun(texts={}, cache_path=cache.path)
+    items = []
+    for item in dataset.items:
+        if item.report.strip():
+            items.append(item)
+        else:
+            run.problems.append(f"item {item.id}: empty report, skipped")
+    names = [name for name in TEMPLATES if name in cfg.templates]
+    with tqdm(total=len(items) * len(names), desc=f"augment {dataset.name}", unit="text", disable=not progress) as bar:
+        for name in names:
+            for start in range(0, len(items), cfg.batch_size):
+                batch = items[start:start + cfg.batch_size]
+                prompts = [TEMPLATES[name].fill(prompt_fields(item, description(run.texts, item))) for item in batch]
+                missing = []
+                for item, prompt in zip(batch, prompts):
+                    text = cache.lookup(item.id, name, TEMPLATES[name].version, prompt_hash(prompt))
+                    if text is None:
+                        missing.append((item, prompt))
+                    else:
+                        run.texts.setdefault(item.id, {})[name] = text
+                        run.cached += 1
+                if missing:
+                    generator = generator or make_generator(cfg, llm_cfg)
+                    outputs = generator.generate([prompt for _, prompt in missing])
+                    for (item, prompt), text in zip(missing, outputs):
+                        keep(run, cache, item, name, prompt, text, key)
+                bar.update(len(batch))
+    for problem in run.problems:
+        log.warning(problem)
+    return run
+
+
+def description(texts: Augmentations, item: Item) -> str:
+    """The image description joint reasoning is given: this run's, else the acquisition line."""
+    return texts.get(item.id, {}).get("image_description") or acquisition(item)
+
+
+def keep(run: AugmentRun, cache: AugmentCache, item: Item, name: str, prompt: str, text: str, key: str) -> None:
+    if not text.strip():
+        run.problems.append(f"item {item.id}: empty {name} generation, not cached")
+        return
+    cache.add(Record(item.id, name, TEMPLATES[name].version, key, prompt_hash(prompt), text))
+    run.texts.setdefault(item.id, {})[name] = text
+    run.generated += 1
+
+
+def load_augmentations(dataset_name: str, cfg: AugmentConfig, llm_cfg: LLMConfig = LLMConfig()) -> Augmentations:
+    """The cached texts of ``cfg``'s generator for ``cfg.templates`` at their current versions.
+
+    ``llm_cfg`` matters only for the "local" generator, whose cache is named by the model.
+    """
+    path = cache_path(dataset_name, generator_key(cfg, llm_cfg))
+    if not path.is_file():
+        raise DataError(f"no augmentations at {path}: run `medhash augment --dataset {dataset_name}` first")
+    texts: Augmentations = {}
+    for record in AugmentCache(path).records.values():
+        if record.template in cfg.templates and record.template_version == TEMPLATES[record.template].version:
+            texts.setdefault(record.id, {})[record.template] = record.text
+    return texts

@@ -1,0 +1,296 @@
+"""Text generators behind one interface, ``generate(prompts) -> texts``, and their output cleanup.
+
+- :class:`ExtractiveGenerator` needs no model: section- and negation-aware sentence selection.
+- :class:`LocalLMGenerator` runs a Hugging Face causal LM (default: the offline Gemma-3-270M).
+- :class:`OpenAIGenerator` calls an OpenAI-compatible server (vLLM, Ollama, TGI) through
+  ``POST {endpoint}/v1/chat/completions``: the chat route, because every such server offers it and
+  the instruction-tuned models a hospital would deploy expect their chat template.
+
+Each generator has a ``key`` naming it and its decoding settings (:func:`generator_key`); the cache
+files are named by it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import requests
+import torch
+
+from services.augment.templates import read_prompt
+from services.config import AugmentConfig, LLMConfig
+from services.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class Generator(Protocol):
+    key: str
+
+    def generate(self, prompts: list[str]) -> list[str]: ...
+
+
+def make_generator(cfg: AugmentConfig, llm_cfg: LLMConfig) -> Generator:
+    """The generator ``cfg.generator`` names; "local" loads ``llm_cfg``'s model."""
+    key = generator_key(cfg, llm_cfg)
+    if cfg.generator == "extractive":
+        return ExtractiveGenerator()
+    if cfg.generator == "local":
+        from services.encoders.llm import load_causal_lm
+
+        model, tokenizer = load_causal_lm(llm_cfg)
+        return LocalLMGenerator(model, tokenizer, key, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+    return OpenAIGenerator(
+        cfg.endpoint, cfg.model, cfg.api_key_env, key, cfg.max_new_tokens, cfg.temperature,
+        timeout_s=cfg.timeout_s, retries=cfg.retries, workers=cfg.batch_size,
+    )
+
+
+def generator_key(cfg: AugmentConfig, llm_cfg: LLMConfig) -> str:
+    """The name of the generator ``cfg`` describes and its decoding settings, safe as a file name."""
+    if cfg.generator == "extractive":
+        return ExtractiveGenerator.key
+    if cfg.generator == "local":
+        model = llm_cfg.name + (f"-L{llm_cfg.num_layers}" if llm_cfg.num_layers else "")
+    else:
+        model = cfg.model
+    return slug(f"{cfg.generator}-{model}-n{cfg.max_new_tokens}-t{cfg.temperature:g}")
+
+
+def slug(text: str) -> str:
+    """``text`` made safe as a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+# --- sentences, negation and cleanup --------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])|\s*\n\s*|\s*[•·]\s*")
+# NegEx-style: pseudo-negations are removed first, so "cannot be excluded" stays a positive mention.
+_PSEUDO_NEGATIONS = re.compile(
+    r"\b(?:no (?:significant |interval )?change|not (?:be )?excluded|cannot be (?:excluded|ruled out)|"
+    r"not ruled out|cannot rule out|not only|no increase|gram[- ]negative)\b",
+    re.IGNORECASE,
+)
+_NEGATION_TRIGGERS = re.compile(
+    r"\b(?:no evidence of|no signs? of|negative for|free of|absence of|absent|without|ruled out|"
+    r"resolved|no|not|neither|nor|none)\b",
+    re.IGNORECASE,
+)
+# Clause boundaries that end a negation's scope.
+_TERMINATIONS = re.compile(r";|,?\s\b(?:but|however|although|though|except|apart from|whereas)\b", re.IGNORECASE)
+_NORMAL = re.compile(
+    r"\b(?:normal|unremarkable|within normal limits|(?:is|are|remains?) clear|intact)\b", re.IGNORECASE
+)
+_ENTITY_LEAD = re.compile(r"^(?:(?:evidence|signs?) of |any |a |an |the |of |is |are |there )+", re.IGNORECASE)
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split into sentences (at sentence ends, line breaks and bullets), empty ones dropped."""
+    return [s.strip(" -") for s in _SENTENCE_END.split(text) if s and s.strip(" -.")]
+
+
+def clauses(sentence: str) -> list[str]:
+    """``sentence`` cut at the words that end a negation's scope ("but", "however", ";")."""
+    return [c.strip(" ,") for c in _TERMINATIONS.split(sentence) if c.strip(" ,.")]
+
+
+def is_negated(clause: str) -> bool:
+    return bool(_NEGATION_TRIGGERS.search(_PSEUDO_NEGATIONS.sub(" ", clause)))
+
+
+def positive_findings(text: str) -> list[str]:
+    """The sentences of ``text`` that state an abnormality: negated and normal clauses removed."""
+    kept = []
+    for sentence in sentences(text):
+        positive = [c for c in clauses(sentence) if not is_negated(c) and not _NORMAL.search(c)]
+        if positive:
+            kept.append(sentence if len(positive) == len(clauses(sentence)) else end_sentence("; ".join(positive)))
+    return dedupe(kept)
+
+
+def negated_findings(text: str, max_words: int = 8) -> list[str]:
+    """What ``text`` says is absent ("no pneumothorax" -> "pneumothorax")."""
+    absent = []
+    for sentence in sentences(text):
+        for clause in clauses(sentence):
+            match = _NEGATION_TRIGGERS.search(_PSEUDO_NEGATIONS.sub(lambda m: "_" * len(m.group()), clause))
+            if match:
+                entity = _ENTITY_LEAD.sub("", clause[match.end():].strip(" ,.")).strip(" ,.")
+                if entity:
+                    absent.append(" ".join(entity.split()[:max_words]))
+    return dedupe(absent)
+
+
+def dedupe(texts: list[str]) -> list[str]:
+    """``texts`` without repeats (compared case- and punctuation-insensitively), order kept."""
+    seen: set[str] = set()
+    kept = []
+    for text in texts:
+        norm = re.sub(r"\W+", " ", text.lower()).strip()
+        if norm and norm not in seen:
+            seen.add(norm)
+            kept.append(text)
+    return kept
+
+
+def end_sentence(text: str) -> str:
+    text = text.strip()
+    return text if not text or text[-1] in ".!?" else text + "."
+
+
+def clean_generation(text: str) -> str:
+    """An LLM continuation cut to its answer.
+
+    Stops at the first blank line, at a line that opens a new labelled field ("Findings: ..."), and
+    at the first repeated sentence; drops a trailing unfinished sentence when a finished one precedes it.
+    """
+    text = re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0]
+    lines = []
+    for line in text.split("\n"):
+        if lines and re.match(r"^\s*[A-Z][\w /-]{0,40}:", line):
+            break
+        lines.append(line)
+    kept = dedupe_until_repeat(sentences(" ".join(lines)))
+    if len(kept) > 1 and kept[-1][-1] not in ".!?":
+        kept = kept[:-1]
+    return " ".join(kept).strip()
+
+
+def dedupe_until_repeat(items: list[str]) -> list[str]:
+    """``items`` up to (not including) the first one that repeats an earlier one."""
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        norm = re.sub(r"\W+", " ", item.lower()).strip()
+        if norm in seen:
+            return items[:i]
+        seen.add(norm)
+    return items
+
+
+# --- the generators -------------------------------------------------------------------------------
+
+
+class ExtractiveGenerator:
+    """Model-free augmentation: picks and arranges the report's own sentences. Deterministic.
+
+    - image description: acquisition (modality, plane, region) + up to two positive findings;
+    - report summary: the impression, then positive findings, up to three sentences;
+    - joint reasoning: diagnosis, supporting positive findings, pertinent negatives, image line.
+    Negated and normal statements are never presented as findings (NegEx-style trigger list).
+    """
+
+    key = "extractive-v1"  # bump when the selection rules change
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        return [self._answer(*read_prompt(p)) for p in prompts]
+
+    def _answer(self, template, values: dict[str, str]) -> str:
+        findings = positive_findings(values.get("Findings", ""))
+        impression = sentences(values.get("Impression", ""))
+        if template.name == "image_description":
+            imaging = values.get("Imaging", "").replace("; ", ", ")
+            lead = f"{imaging} image." if imaging else "Medical image."
+            return " ".join([lead] + (findings[:2] or ["No abnormality is described."]))
+        if template.name == "report_summary":
+            summary = dedupe([end_sentence(s) for s in impression[:2]] + findings)[:3]
+            return " ".join(summary) or "No abnormality reported."
+        diagnosis = impression[0] if impression else (findings[0] if findings else "not stated")
+        parts = [f"Diagnosis: {end_sentence(diagnosis)}"]
+        support = [f for f in findings if f != diagnosis][:3]
+        if support:
+            parts.append("Supporting findings: " + " ".join(support))
+        absent = negated_findings(values.get("Findings", ""))
+        if absent:
+            parts.append("Absent: " + "; ".join(absent[:4]) + ".")
+        description = sentences(values.get("Image description", ""))
+        if description:
+            parts.append("Image: " + end_sentence(description[0]))
+        return " ".join(parts)
+
+
+class LocalLMGenerator:
+    """A Hugging Face causal LM generating for batches of left-padded prompts.
+
+    Small base models loop quickly, so decoding penalises repeats and the output is cleaned
+    (:func:`clean_generation`). ``temperature`` 0 is greedy decoding.
+    """
+
+    def __init__(self, model, tokenizer, key: str, max_new_tokens: int, temperature: float, batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
+        self.key = key
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str]) -> list[str]:
+        texts = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = self.tokenizer(prompts[start:start + self.batch_size], return_tensors="pt", padding=True)
+            sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+            out = self.model.generate(
+                **batch, max_new_tokens=self.max_new_tokens, repetition_penalty=1.3, no_repeat_ngram_size=3,
+                pad_token_id=self.tokenizer.pad_token_id, **sampling,
+            )
+            new_tokens = out[:, batch["input_ids"].shape[1]:]
+            texts += [clean_generation(t) for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return texts
+
+
+class OpenAIGenerator:
+    """An OpenAI-compatible chat-completions endpoint; ``workers`` requests in flight at once.
+
+    The API key is read from the environment variable ``api_key_env`` (no header when unset, as for a
+    local vLLM). Connection failures, timeouts, HTTP 429 and 5xx are retried with exponential backoff.
+    """
+
+    def __init__(self, endpoint: str, model: str, api_key_env: str, key: str, max_new_tokens: int, temperature: float,
+                 timeout_s: float = 60.0, retries: int = 3, workers: int = 4, backoff_s: float = 1.0):
+        if not model:
+            raise ConfigError("augment.model: the 'openai' generator needs the model name the server serves")
+        self.url = endpoint.rstrip("/") + "/v1/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.timeout_s, self.retries, self.workers, self.backoff_s = timeout_s, retries, workers, backoff_s
+        self.key = key
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(self.complete, prompts))
+
+    def complete(self, prompt: str) -> str:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+        }
+        api_key = os.environ.get(self.api_key_env)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                response = requests.post(self.url, json=body, headers=headers, timeout=self.timeout_s)
+            except requests.RequestException as exc:
+                problem = f"cannot connect ({type(exc).__name__})"
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                problem = f"HTTP {response.status_code}"
+                continue
+            if response.status_code in (401, 403):
+                raise ConfigError(f"{self.url}: HTTP {response.status_code}: check the API key in ${self.api_key_env}")
+            if response.status_code != 200:
+                raise ConfigError(f"{self.url}: HTTP {response.status_code}: {response.text[:200]}")
+            try:
+                return clean_generation(response.json()["choices"][0]["message"]["content"] or "")
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise DataError(f"{self.url}: not a chat-completions response: {response.text[:200]}") from exc
+        raise DataError(f"LLM endpoint {self.url} failed after {self.retries + 1} attempts: {problem} "
+                        "(check augment.endpoint and that the server is running)")

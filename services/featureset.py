@@ -1,0 +1,127 @@
+"""A dataset's frozen backbone features, aligned row by row with ids, labels, splits and groups.
+
+This is what every hashing method trains and is evaluated on: image features Z, report features,
+and the features of the LLM-augmented text views, all from the feature cache.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from services.config import MedhashConfig
+from services.data import open_dataset
+from services.data.item import Dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One row per item that has both an image and a report feature."""
+
+    dataset: str
+    ids: np.ndarray  # str [N]
+    image: np.ndarray  # float32 [N, image_dim]
+    text: np.ndarray  # float32 [N, text_dim], the report
+    views: np.ndarray  # float32 [N, V, text_dim], augmented text views (V = 0 without augmentation)
+    view_names: tuple[str, ...]
+    labels: np.ndarray  # uint8 [N, L]
+    label_names: tuple[str, ...]
+    splits: np.ndarray  # str [N]: train / dev / query
+    groups: np.ndarray  # str [N]: patient or case id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, rows: np.ndarray) -> "FeatureSet":
+        return replace(
+            self, ids=self.ids[rows], image=self.image[rows], text=self.text[rows], views=self.views[rows],
+            labels=self.labels[rows], splits=self.splits[rows], groups=self.groups[rows],
+        )
+
+    def rows(self, *splits: str) -> np.ndarray:
+        """Row indices of the items in any of ``splits``."""
+        return np.flatnonzero(np.isin(self.splits, splits))
+
+
+def limit_per_split(dataset: Dataset, limit: int) -> Dataset:
+    """The first ``limit`` items of each split (tiny configurations run the same code on less data)."""
+    seen: dict[str, int] = {}
+    kept = []
+    for item in dataset.items:
+        if seen.get(item.split, 0) < limit:
+            seen[item.split] = seen.get(item.split, 0) + 1
+            kept.append(item)
+    return replace(dataset, items=kept)
+
+
+def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progress: bool = True) -> FeatureSet:
+    """Read (or compute once and cache) every feature ``cfg`` asks for."""
+    from services.encoders.image import build_image_encoder
+    from services.encoders.text import build_text_encoder
+    from services.features import FeatureCache, extract_image_features, extract_text_features
+
+    dataset = dataset or open_dataset(cfg.data)
+    if cfg.train.limit_items:
+        dataset = limit_per_split(dataset, cfg.train.limit_items)
+    for problem in dataset.problems:
+        log.warning("%s: %s", dataset.name, problem)
+
+    image_encoder = build_image_encoder(cfg.image_backbone)
+    image_ids, image = extract_image_features(
+        dataset, image_encoder, FeatureCache.for_encoder(dataset.name, image_encoder, "image"),
+        batch_size=cfg.image_backbone.batch_size, progress=progress,
+    )
+    text_encoder = build_text_encoder(cfg.text_backbone)
+    items = {item.id: item for item in dataset.items}
+    text_ids, text = extract_text_features(
+        image_ids, [items[i].report for i in image_ids], text_encoder,
+        FeatureCache.for_encoder(dataset.name, text_encoder, "report"), progress=progress,
+    )
+    keep = [image_ids.index(i) for i in text_ids]
+    image = image[keep]
+    ids = text_ids
+
+    view_names, views = (), np.zeros((len(ids), 0, text.shape[1]), np.float32)
+    if cfg.lsch.use_augmentation:
+        view_names, views = _view_features(cfg, dataset, ids, text, text_encoder, progress)
+
+    label_matrix = dataset.label_matrix()
+    row_of = {item.id: r for r, item in enumerate(dataset.items)}
+    rows = np.array([row_of[i] for i in ids], dtype=np.int64)
+    return FeatureSet(
+        dataset=dataset.name,
+        ids=np.array(ids, dtype=str),
+        image=image.astype(np.float32),
+        text=text.astype(np.float32),
+        views=views,
+        view_names=tuple(view_names),
+        labels=label_matrix[rows],
+        label_names=tuple(dataset.label_names),
+        splits=np.array([items[i].split for i in ids], dtype=str),
+        groups=np.array([items[i].patient_id for i in ids], dtype=str),
+    )
+
+
+def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
+    """Features of each augmented text view; an item without a view falls back to its report."""
+    from services.augment import augment_dataset
+    from services.augment.generators import generator_key
+    from services.features import FeatureCache, extract_text_features
+
+    augmented = augment_dataset(dataset, cfg.augment, cfg.llm, progress=progress)
+    names = list(cfg.augment.templates)
+    views = np.repeat(report_features[:, None, :], len(names), axis=1).copy()
+    position = {item_id: r for r, item_id in enumerate(ids)}
+    for v, name in enumerate(names):
+        have = [i for i in ids if augmented.get(i, {}).get(name, "").strip()]
+        found, matrix = extract_text_features(
+            have, [augmented[i][name] for i in have], text_encoder,
+            FeatureCache.for_encoder(dataset.name, text_encoder, f"augment:{name}:{generator_key(cfg.augment, cfg.llm)}"),
+            progress=progress,
+        )
+        for item_id, row in zip(found, matrix):
+            views[position[item_id], v] = row
+    return names, views.astype(np.float32)

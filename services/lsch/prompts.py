@@ -1,0 +1,105 @@
+"""Prompt-tuned LLM alignment (LSCH stage 3): a frozen causal LM reads prompt + content embeddings.
+
+Each sequence is ``[BOS] + soft prompt + hard prompt(modality) + content tokens``:
+
+- BOS always comes first: Gemma-style LMs put an attention sink on it and give degenerate hidden
+  states without it, so it stays even when both prompts are switched off;
+- the soft prompt is ``n_virtual`` learned vectors shared by both modalities (prompt tuning,
+  Lester et al. 2021), initialised from the embeddings of random vocabulary tokens. It is our own
+  ``nn.Parameter`` rather than peft's PromptTuning wrapper because we call the decoder body with
+  ``inputs_embeds`` directly (no LM head over the 262k vocabulary), which peft's wrapper does not do;
+- the hard prompt is the token embeddings of a fixed instruction text per modality, computed once
+  from the frozen embedding table;
+- the content tokens are the x (image) or y (report) tokens from the encoding layers.
+
+The LLM weights are frozen (``requires_grad`` False) and the LLM stays in eval mode (no dropout);
+only the soft prompt (and optional LoRA adapters, peft, off by default) train. Every sequence of a
+batch has the same length, so no padding or attention mask is needed.
+
+v is pooled from the last hidden state over the content positions: ``"mean"`` (default) averages
+them, ``"last"`` takes the final position. Under causal attention every content position has seen
+the whole prompt, and the mean over several positions is a steadier summary from a base (not
+instruction-tuned) LM than one position; ``"last"`` is the only position that has seen all content.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Pooling = Literal["mean", "last"]
+
+
+class PromptedLLM(nn.Module):
+    """Frozen causal LM wrapped with BOS + soft prompt + per-modality hard prompt; returns pooled v."""
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        hard_prompts: dict[str, str],
+        n_virtual_tokens: int,
+        pooling: Pooling = "mean",
+        lora_rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """``hard_prompts`` maps a modality name to its instruction ("" = no hard prompt);
+        ``n_virtual_tokens`` = 0 switches the soft prompt off. The LLM is frozen in place."""
+        super().__init__()
+        llm.requires_grad_(False)
+        if lora_rank > 0:
+            inject_adapter_in_model(
+                LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=["q_proj", "v_proj"]), llm
+            )
+        self.llm = llm.eval()
+        self.pooling = pooling
+        table = llm.get_input_embeddings()
+        embed_scale = float(getattr(table, "embed_scale", 1.0))  # Gemma scales embeddings by sqrt(d)
+        weight = table.weight.detach()
+        self.token_scale = float(weight.float().pow(2).mean().sqrt()) * embed_scale
+        """RMS of one coordinate of an input embedding: the scale content tokens are brought to."""
+
+        def embed(ids: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                return table(torch.tensor(ids, dtype=torch.long, device=weight.device)).detach()
+
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.register_buffer("bos", embed(bos), persistent=False)
+        self.modalities = tuple(hard_prompts)
+        for modality, text in hard_prompts.items():
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            self.register_buffer(f"hard_{modality}", embed(ids), persistent=False)
+        self.soft_prompt: nn.Parameter | None = None
+        if n_virtual_tokens > 0:
+            generator = torch.Generator().manual_seed(seed)
+            ids = torch.randint(len(weight), (n_virtual_tokens,), generator=generator).tolist()
+            self.soft_prompt = nn.Parameter(embed(ids).clone())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.config.hidden_size
+
+    def prefix(self, modality: str) -> torch.Tensor:
+        """The embeddings before the content: BOS, soft prompt, hard prompt; [P, d]."""
+        if modality not in self.modalities:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {self.modalities}")
+        parts = [self.bos] + ([self.soft_prompt] if self.soft_prompt is not None else [])
+        return torch.cat(parts + [getattr(self, f"hard_{modality}")], dim=0)
+
+    def forward(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
+        """Content tokens [B, m, d] in the LLM's input-embedding space -> pooled v [B, d]."""
+        prefix = self.prefix(modality).to(tokens.dtype)
+        sequence = torch.cat([prefix.expand(len(tokens), -1, -1), tokens], dim=1)
+        hidden = self.llm.base_model(inputs_embeds=sequence, use_cache=False).last_hidden_state
+        content = hidden[:, -tokens.shape[1]:]
+        return content.mean(dim=1) if self.pooling == "mean" else content[:, -1]
+
+    def train(self, mode: bool = True) -> PromptedLLM:
+        """Switch the trainable parts only: the frozen LLM always stays in eval mode."""
+        super().train(mode)
+        self.llm.eval()
+        return self
+

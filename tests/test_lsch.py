@@ -1,0 +1,247 @@
+"""LSCH model and losses: shapes, frozen LLM, ablation switches, checkpoints, loss behaviour, learning."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from services.codes import pack_codes
+from services.config import LLMConfig, LSCHConfig
+from services.encoders.llm import tiny_causal_lm
+from services.errors import ConfigError, WeightsError
+from services.hashing.gbrbm import GBRBM
+from services.lsch import LSCHModel, alignment_loss, lsch_loss
+from services.lsch.losses import contrastive_loss, hard_negative_weights, manifold_similarity
+from services.metrics import hamming_metrics, label_relevance
+
+IMAGE_DIM, TEXT_DIM = 24, 12
+FAST = dict(bits=(16, 32), n_virtual_tokens=4, m_img_tokens=2, m_txt_tokens=2, image_prompt="image:", text_prompt="report:")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and two threads crawl on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(**overrides) -> LSCHModel:
+    torch.manual_seed(0)
+    cfg = LSCHConfig(**{**FAST, **overrides})
+    llm, tokenizer = tiny_causal_lm(hidden_size=32) if cfg.use_llm else (None, None)
+    return LSCHModel(cfg, IMAGE_DIM, TEXT_DIM, llm, tokenizer)
+
+
+def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = F.one_hot(torch.arange(n) % 4, 4).float()
+    return torch.randn(n, IMAGE_DIM, generator=g), torch.randn(n, TEXT_DIM, generator=g), labels
+
+
+def test_shapes_and_codes():
+    model = build()
+    z, t, _ = batch()
+    vx, vy = model.embed_image(z), model.embed_text(t)
+    assert vx.shape == vy.shape == (8, 32)
+    for bits in (16, 32):
+        p = model.hash_probs(vx, bits)
+        assert p.shape == (8, bits) and ((p > 0) & (p < 1)).all()
+        codes = model.codes(vx, bits)
+        assert codes.dtype == torch.bool and torch.equal(codes, p > 0.5)
+    with pytest.raises(ConfigError, match="64-bit"):
+        model.hash_probs(vx, 64)
+
+
+def test_llm_is_frozen_and_only_prompts_projections_heads_train():
+    model = build()
+    llm_before = {n: p.detach().clone() for n, p in model.prompted.llm.named_parameters()}
+    assert not any(p.requires_grad for p in model.prompted.llm.parameters())
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    assert not model.prompted.llm.training and model.image_tokens.training
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    loss, _ = lsch_loss(model, *batch(), model.cfg)
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(p, llm_before[n]) for n, p in model.prompted.llm.named_parameters())
+    after = dict(model.named_parameters())
+    for name in ("prompted.soft_prompt", "image_tokens.proj.weight", "text_tokens.proj.weight", "heads.16.W"):
+        assert not torch.equal(after[name], trainable_before[name]), name
+    assert set(trainable_before) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "switch",
+    ["use_structured_encoding", "use_soft_prompt", "use_hard_prompt", "use_llm", "use_gbrbm", "hard_negative_mining"],
+)
+def test_each_ablation_builds_and_backpropagates(switch):
+    model = build(**{switch: False})
+    z, t, labels = batch()
+    loss, parts = lsch_loss(model, z, t, labels, model.cfg)
+    loss.backward()
+    assert np.isfinite(parts["total"]) and set(parts) >= {"contrastive", "manifold", "quantization", "balance"}
+    grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    if switch == "use_structured_encoding":
+        assert model.image_tokens(z).shape == (8, 1, 32)
+    elif switch == "use_soft_prompt":
+        assert model.prompted.soft_prompt is None
+    elif switch == "use_hard_prompt":
+        assert model.prompted.prefix("image").shape[0] == 1 + 4  # BOS + soft prompt
+    elif switch == "use_llm":
+        assert model.prompted is None and model.embed_image(z).shape == (8, model.cfg.embed_dim)
+    elif switch == "use_gbrbm":
+        assert not any(isinstance(h, GBRBM) for h in model.heads.values())
+        with pytest.raises(ConfigError):
+            model.gbrbm_pretrain_loss(model.embed_image(z))
+
+
+def test_lora_and_last_token_pooling_run():
+    model = build(lora_rank=2, pooling="last")
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(n in model.state_dict_trainable() for n in lora)
+    loss, _ = lsch_loss(model, *batch(), model.cfg)
+    loss.backward()
+    assert all(model.get_parameter(n).grad is not None for n in lora)
+
+
+def test_llm_required_when_switched_on():
+    with pytest.raises(ConfigError, match="use_llm"):
+        LSCHModel(LSCHConfig(), IMAGE_DIM, TEXT_DIM, None, None)
+
+
+def test_gbrbm_pretrain_loss_trains_heads_only():
+    model = build()
+    v = model.embed_image(batch()[0])
+    loss = model.gbrbm_pretrain_loss(v)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.heads["16"].W.grad is not None and model.image_tokens.proj.weight.grad is None
+
+
+def test_state_dict_trainable_round_trip(tmp_path):
+    model = build()
+    with torch.no_grad():
+        model.prompted.soft_prompt.add_(1.0)
+        model.heads["32"].a.add_(0.3)
+    state = model.state_dict_trainable()
+    assert not any(name.startswith("prompted.llm.") for name in state)
+    save_file(state, tmp_path / "lsch.safetensors")
+    restored = build()
+    restored.load_state_dict_trainable(load_file(tmp_path / "lsch.safetensors"))
+    z, t, _ = batch()
+    with torch.no_grad():
+        for bits in (16, 32):
+            assert torch.equal(model.codes(model.embed_image(z), bits), restored.codes(restored.embed_image(z), bits))
+            assert torch.allclose(model.hash_probs(model.embed_text(t), bits), restored.hash_probs(restored.embed_text(t), bits))
+    with pytest.raises(WeightsError, match="missing"):
+        build(bits=(16, 32, 64)).load_state_dict_trainable(state)
+
+
+def test_hard_negative_weights_favour_the_most_similar_negative():
+    logits = torch.tensor([[5.0, 4.0, 1.0, -2.0]])
+    negatives = torch.tensor([[False, True, True, True]])
+    plain = hard_negative_weights(logits, negatives, 0.0)
+    mild, strong = hard_negative_weights(logits, negatives, 0.5), hard_negative_weights(logits, negatives, 1.0)
+    assert torch.allclose(plain, torch.tensor([[0.0, 1.0, 1.0, 1.0]]))
+    assert plain[0, 1] < mild[0, 1] < strong[0, 1] and mild[0, 3] < plain[0, 3]
+    assert mild[0, 0] == 0 and torch.isclose(mild[0, 1:].mean(), torch.tensor(1.0))
+
+
+def test_contrastive_loss_plain_infonce_masking_and_hard_negatives():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / 0.2
+    target = torch.arange(6)
+    plain = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    assert torch.isclose(contrastive_loss(a, b, None, 0.2, 0.0), plain, atol=1e-5)
+    # every item shares a label: nothing is a negative, only the positive is left
+    same = torch.ones(6, 1)
+    assert contrastive_loss(a, b, same, 0.2, 0.5).abs() < 1e-6
+    # a label-sharing item is not a negative: its logit leaves the denominators
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1], [0, 1]]).float()
+    false_negative = (labels @ labels.T > 0) & ~torch.eye(6, dtype=torch.bool)
+    masked = logits.masked_fill(false_negative, float("-inf"))
+    expected = 0.5 * (F.cross_entropy(masked, target) + F.cross_entropy(masked.T, target))
+    assert torch.isclose(contrastive_loss(a, b, labels, 0.2, 0.0), expected, atol=1e-5)
+    assert contrastive_loss(a, b, labels, 0.2, 0.0) < plain
+    # hard-negative weighting raises the loss when one negative is close to the anchor
+    hard = b.clone()
+    hard[3] = a[0] + 0.05 * torch.randn(10, generator=g)
+    assert contrastive_loss(a, hard, None, 0.2, 1.0) > contrastive_loss(a, hard, None, 0.2, 0.0)
+
+
+def test_manifold_similarity_labels_and_knn():
+    labels = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]]).float()
+    feats = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    s = manifold_similarity(labels[:3], labels[:3], feats[:3], feats[:3], k=1, label_weight=1.0)
+    expected = F.normalize(labels[:3], dim=1) @ F.normalize(labels[:3], dim=1).T
+    assert torch.allclose(s, expected)
+    blended = manifold_similarity(labels, labels, feats, feats, k=1, label_weight=0.5)
+    graph = manifold_similarity(None, None, feats, feats, k=1, label_weight=0.5)
+    assert torch.equal(graph.diagonal(), torch.ones(4))  # each item is its own nearest neighbour
+    assert torch.equal(blended[3], graph[3]) and torch.equal(blended[:, 3], graph[:, 3])  # unknown labels
+    assert torch.allclose(blended[:3, :3], 0.5 * expected + 0.5 * graph[:3, :3])
+    assert ((blended >= 0) & (blended <= 1)).all()
+
+
+def synthetic_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs from 4 latent classes seen through fixed noisy linear image and text views."""
+    views = torch.Generator().manual_seed(123)
+    centres, to_image, to_text = torch.randn(4, 8, generator=views), torch.randn(8, IMAGE_DIM, generator=views), torch.randn(8, TEXT_DIM, generator=views)
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.arange(n) % 4
+    latent = centres[classes] + 0.6 * torch.randn(n, 8, generator=g)
+    z = latent @ to_image + 1.0 * torch.randn(n, IMAGE_DIM, generator=g)
+    t = latent @ to_text + 1.0 * torch.randn(n, TEXT_DIM, generator=g)
+    return z, t, F.one_hot(classes, 4).float()
+
+
+def i2t_map(model: LSCHModel, zq: torch.Tensor, yq: torch.Tensor, td: torch.Tensor, yd: torch.Tensor, bits: int) -> float:
+    with torch.no_grad():
+        q = model.codes(model.embed_image(zq), bits).numpy()
+        d = model.codes(model.embed_text(td), bits).numpy()
+    return hamming_metrics(pack_codes(q), pack_codes(d), label_relevance(yq.numpy(), yd.numpy()))["map@all"]
+
+
+def test_synthetic_training_beats_random_codes():
+    z, t, labels = synthetic_pairs(200, seed=0)
+    zq, _, yq = synthetic_pairs(40, seed=1)
+    model = build(bits=(16,))
+    rng = np.random.default_rng(0)
+    random_map = hamming_metrics(
+        pack_codes(rng.integers(0, 2, (40, 16))), pack_codes(rng.integers(0, 2, (200, 16))),
+        label_relevance(yq.numpy(), labels.numpy()),
+    )["map@all"]
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for step in range(80):
+        idx = torch.randperm(200, generator=g)[:32]
+        loss_fn = alignment_loss if step < 15 else lsch_loss
+        loss, _ = loss_fn(model, z[idx], t[idx], labels[idx], model.cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    trained_map = i2t_map(model, zq, yq, t, labels, 16)
+    assert random_map < 0.35 and trained_map > 0.7, (random_map, trained_map)
+
+
+@pytest.mark.real
+def test_real_gemma_forward_backward():
+    from services.encoders.llm import load_causal_lm
+
+    llm, tokenizer = load_causal_lm(LLMConfig(num_layers=2))
+    cfg = LSCHConfig(bits=(32, 64))
+    model = LSCHModel(cfg, 1280, 384, llm, tokenizer)
+    assert model.dim == 640 and 0.1 < model.prompted.token_scale < 10
+    z, t = torch.randn(4, 1280), F.normalize(torch.randn(4, 384), dim=1)
+    loss, parts = lsch_loss(model, z, t, F.one_hot(torch.arange(4) % 2, 2).float(), cfg)
+    loss.backward()
+    assert np.isfinite(parts["total"]) and model.prompted.soft_prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for p in llm.parameters())

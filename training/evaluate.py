@@ -1,0 +1,106 @@
+"""`medhash eval`: every protocol of docs/evaluation.md for a run directory, codes saved for re-checking.
+
+Writes to the output folder: ``results.json`` (protocol -> direction -> metric, for each code length
+and for the unhashed float embeddings), ``results.md`` (the headline table), ``codes_<bits>.npz``
+(packed codes, ids and labels: anyone can recompute the metrics) and ``pr_<bits>.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from services.codes import hamming_distances, save_codes_npz
+from services.errors import ConfigError
+from services.evaluation import evaluate
+from services.featureset import FeatureSet, build_featureset
+from services.lsch.pipeline import build_lsch, embed, hash_codes
+from services.metrics import pr_curve_by_radius, protocol_relevance
+from training.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(
+    run_path: Path, out: Path, split_file: Path | None = None, root: Path | None = None,
+    features: FeatureSet | None = None,
+) -> dict:
+    """Evaluate the run in ``run_path`` on its dataset (optionally another split or data location)."""
+    run = RunDir(run_path)
+    cfg = run.config()
+    data_update = {k: v for k, v in {"split_file": split_file, "root": root}.items() if v is not None}
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=data_update)})
+    features = features or build_featureset(cfg)
+    if list(features.label_names) != run.label_names():
+        raise ConfigError(f"{run_path}: the dataset's label list differs from the one the run was trained on")
+    query, db = features.rows("query"), np.flatnonzero(features.splits != "query")
+    if not len(query):
+        raise ConfigError(f"{features.dataset}: the query split is empty")
+
+    model = build_lsch(cfg, features.image.shape[1], features.text.shape[1])
+    model.load_state_dict_trainable(run.weights())
+    v = embed(model, features.image, features.text)
+    v_query = {m: x[query] for m, x in v.items()}
+    v_db = {m: x[db] for m, x in v.items()}
+    labels = dict(
+        query_labels=features.labels[query], db_labels=features.labels[db], label_names=features.label_names
+    )
+    results: dict = {
+        "dataset": features.dataset,
+        "queries": int(len(query)),
+        "database": int(len(db)),
+        "float": evaluate("cosine", v_query, v_db, **labels, query_groups=features.groups[query]),
+        "bits": {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for bits in model.bits:
+        c_query, c_db = hash_codes(model, v_query, bits), hash_codes(model, v_db, bits)
+        results["bits"][str(bits)] = evaluate("hamming", c_query, c_db, **labels, query_groups=features.groups[query])
+        save_codes_npz(
+            out / f"codes_{bits}.npz", query_img=c_query["image"], query_txt=c_query["text"], db_img=c_db["image"],
+            db_txt=c_db["text"], query_ids=features.ids[query], db_ids=features.ids[db], **labels,
+        )
+        plot_pr_curves(c_query, c_db, labels, bits, out / f"pr_{bits}.png")
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(results_table(results), encoding="utf-8")
+    log.info("evaluation written to %s", out)
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown: one row per code length (and float), MAP@all I2T / T2I per protocol, pair R@10."""
+    protocols = [p for p in results["float"] if p != "pair"]
+    head = "| codes | " + " | ".join(f"{p} I2T | {p} T2I" for p in protocols) + " | pair R@10 I2T | pair R@10 T2I |"
+    lines = [head, "|" + "---|" * (2 * len(protocols) + 3)]
+    rows = [(f"{b} bits", r) for b, r in results["bits"].items()] + [("float (cosine)", results["float"])]
+    for name, r in rows:
+        cells = [f"{r[p][d]['map@all']:.3f}" for p in protocols for d in ("i2t", "t2i")]
+        cells += [f"{r['pair'][d].get('recall@10', float('nan')):.3f}" for d in ("i2t", "t2i")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return (
+        f"{results['dataset']}: {results['queries']} queries, {results['database']} database items; "
+        "MAP@all by Hamming ranking (ties by database index)\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def plot_pr_curves(c_query: dict, c_db: dict, labels: dict, bits: int, path: Path) -> None:
+    """Precision-recall by Hamming radius, labels protocol, I2T and T2I."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    relevant = protocol_relevance("labels", labels["query_labels"], labels["db_labels"], labels["label_names"])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (a, b) in {"I2T": ("image", "text"), "T2I": ("text", "image")}.items():
+        _, precision, recall = pr_curve_by_radius(hamming_distances(c_query[a], c_db[b]), relevant, bits)
+        ax.plot(recall, precision, marker=".", label=name)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"PR by Hamming radius, {bits} bits (labels protocol)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""The Ray Train worker loop for LSCH: align (A), pre-train the GBRBM heads (B), fine-tune jointly (C).
+
+Every worker holds the same model (same seed) and a shard of each epoch's batches; gradients are
+averaged across workers after each backward pass, so 1 or N workers follow the same schedule.
+Rank 0 scores each epoch on the dev split and writes the checkpoint: the latest state (to resume)
+and the best state on dev (the model a run publishes). The query split is never looked at.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from services.config import MedhashConfig
+from services.evaluation import evaluate
+from services.featureset import FeatureSet
+from services.lsch import LSCHModel, alignment_loss, lsch_loss
+from services.lsch.pipeline import build_lsch, embed, hash_codes
+
+STATE_FILE = "state.pt"
+
+
+def schedule(cfg: MedhashConfig) -> list[str]:
+    """The stage of every epoch; stage B only exists with GBRBM heads."""
+    rbm_epochs = cfg.train.rbm_epochs if cfg.lsch.use_gbrbm else 0
+    return ["align"] * cfg.train.align_epochs + ["rbm"] * rbm_epochs + ["joint"] * cfg.train.joint_epochs
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the optimizer."""
+
+    epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    best_model: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point; ``config`` holds the validated config dict and the FeatureSet."""
+    cfg = MedhashConfig.model_validate(config["cfg"])
+    data: FeatureSet = config["features"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+
+    model = build_lsch(cfg, data.image.shape[1], data.text.shape[1])
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    state = _restore(model, optimizer)
+    stages = schedule(cfg)
+    train_rows, dev_rows = data.rows("train"), data.rows("dev")
+
+    for epoch in range(state.epoch, len(stages)):
+        stage = stages[epoch]
+        rng = np.random.default_rng(cfg.train.seed * 1000 + epoch)
+        losses = _run_epoch(model, optimizer, data, rng.permutation(train_rows), stage, cfg, rng, rank, world)
+        record = {"epoch": epoch, "stage": stage, **losses}
+        if rank == 0:
+            record["dev_map"] = dev_score(model, data, train_rows, dev_rows, stage, cfg)
+            if stage == stages[-1] and record["dev_map"] > state.best_score:
+                state.best_score, state.best_epoch = record["dev_map"], epoch
+                state.best_model = {k: v.clone() for k, v in model.state_dict_trainable().items()}
+        state.history.append(record)
+        state.epoch = epoch + 1
+        _report(record, state, model, optimizer, rank)
+
+
+def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> dict[str, float]:
+    """One pass over the shuffled train rows; returns the mean of each loss term."""
+    batch = cfg.train.batch_size
+    batches = [order[i : i + batch] for i in range(0, len(order) - batch // 2, batch)] or [order]
+    if cfg.train.max_steps_per_epoch:
+        batches = batches[: cfg.train.max_steps_per_epoch]
+    sums: dict[str, float] = {}
+    for rows in batches:
+        rows = np.sort(rows[rank::world])  # this worker's share of the global batch
+        z = torch.from_numpy(data.image[rows])
+        t = torch.from_numpy(_text_views(data, rows, cfg, rng))
+        labels = torch.from_numpy(data.labels[rows].astype(np.float32))
+        if stage == "align":
+            loss, parts = alignment_loss(model, z, t, labels, cfg.lsch)
+        elif stage == "rbm":
+            with torch.no_grad():
+                v = torch.cat([model.embed_image(z), model.embed_text(t)])
+            loss, parts = _rbm_loss(model, v)
+        else:
+            loss, parts = lsch_loss(model, z, t, labels, cfg.lsch)
+        optimizer.zero_grad()
+        loss.backward()
+        _average_gradients(model, world)
+        optimizer.step()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value / len(batches)
+    return {f"loss_{k}": v for k, v in sums.items()}
+
+
+def _text_views(data: FeatureSet, rows: np.ndarray, cfg: MedhashConfig, rng: np.random.Generator) -> np.ndarray:
+    """The report's features, or with probability ``view_prob`` one of its augmented views."""
+    text = data.text[rows].copy()
+    if data.views.shape[1] and cfg.lsch.use_augmentation:
+        swap = rng.random(len(rows)) < cfg.train.view_prob
+        picks = rng.integers(0, data.views.shape[1], len(rows))
+        text[swap] = data.views[rows[swap], picks[swap]]
+    return text
+
+
+def _rbm_loss(model: LSCHModel, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = model.gbrbm_pretrain_loss(v)
+    with torch.no_grad():
+        visible = model.visible(v)
+        error = np.mean([float(model.heads[str(b)].reconstruction_error(visible)) for b in model.bits])
+    return loss, {"cd": float(loss), "reconstruction": error, "total": float(loss)}
+
+
+def _average_gradients(model: LSCHModel, world: int) -> None:
+    if world == 1:
+        return
+    for p in model.trainable_parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+def dev_score(model, data: FeatureSet, db_rows, query_rows, stage: str, cfg: MedhashConfig) -> float:
+    """Mean I2T / T2I MAP@all (labels protocol) of dev queries against the train items.
+
+    Hash codes at the middle code length once heads are trained; float v during alignment.
+    """
+    v_db = embed(model, data.image[db_rows], data.text[db_rows])
+    v_query = embed(model, data.image[query_rows], data.text[query_rows])
+    if stage == "align":
+        kind, query, db = "cosine", v_query, v_db
+    else:
+        bits = sorted(model.bits)[len(model.bits) // 2]
+        kind, query, db = "hamming", hash_codes(model, v_query, bits), hash_codes(model, v_db, bits)
+    scores = evaluate(
+        kind, query, db, data.labels[query_rows], data.labels[db_rows], data.label_names, directions=("i2t", "t2i")
+    )
+    return float(np.mean([scores["labels"][d]["map@all"] for d in ("i2t", "t2i")]))
+
+
+def _restore(model: LSCHModel, optimizer: torch.optim.Optimizer) -> TrainState:
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return TrainState()
+    with checkpoint.as_directory() as folder:
+        saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+    model.load_state_dict_trainable(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved["state"]
+
+
+def _report(record: dict, state: TrainState, model, optimizer, rank: int) -> None:
+    metrics = {k: v for k, v in record.items() if k != "stage"}
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            torch.save(
+                {"model": model.state_dict_trainable(), "optimizer": optimizer.state_dict(), "state": state},
+                os.path.join(folder, STATE_FILE),
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
