@@ -17,7 +17,9 @@ from services.lsch.losses import contrastive_loss, hard_negative_weights, manifo
 from services.metrics import hamming_metrics, label_relevance
 
 IMAGE_DIM, TEXT_DIM = 24, 12
-FAST = dict(bits=(16, 32), n_virtual_tokens=4, m_img_tokens=2, m_txt_tokens=2, image_prompt="image:", text_prompt="report:")
+FAST = dict(
+    bits=(16, 32), n_virtual_tokens=4, m_img_tokens=2, m_txt_tokens=2, image_prompt="image:", text_prompt="report:"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +102,22 @@ def test_each_ablation_builds_and_backpropagates(switch):
             model.gbrbm_pretrain_loss(model.embed_image(z))
 
 
+def test_cached_prefix_equals_the_full_sequence():
+    """The shared-prefix KV cache must give the same v and soft-prompt gradient as one long sequence."""
+    for pooling in ("mean", "last"):
+        prompted = build(pooling=pooling).prompted
+        tokens = torch.randn(5, 3, 32, requires_grad=True)
+        prefix = prompted.prefix("text")
+        sequence = torch.cat([prefix.expand(5, -1, -1), tokens], dim=1)
+        hidden = prompted.llm.base_model(inputs_embeds=sequence, use_cache=False).last_hidden_state[:, -3:]
+        full = hidden.mean(dim=1) if pooling == "mean" else hidden[:, -1]
+        cached = prompted(tokens, "text")
+        assert torch.allclose(cached, full, atol=1e-5)
+        (grad_full,) = torch.autograd.grad(full.square().sum(), prompted.soft_prompt)
+        (grad_cached,) = torch.autograd.grad(cached.square().sum(), prompted.soft_prompt)
+        assert grad_full.abs().max() > 0 and torch.allclose(grad_cached, grad_full, atol=1e-4, rtol=1e-3)
+
+
 def test_lora_and_last_token_pooling_run():
     model = build(lora_rank=2, pooling="last")
     lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -132,12 +150,16 @@ def test_state_dict_trainable_round_trip(tmp_path):
     assert not any(name.startswith("prompted.llm.") for name in state)
     save_file(state, tmp_path / "lsch.safetensors")
     restored = build()
+    with torch.no_grad():  # make every trained tensor differ, so only loading can restore it
+        for param in restored.trainable_parameters():
+            param.add_(torch.randn_like(param))
     restored.load_state_dict_trainable(load_file(tmp_path / "lsch.safetensors"))
     z, t, _ = batch()
     with torch.no_grad():
         for bits in (16, 32):
             assert torch.equal(model.codes(model.embed_image(z), bits), restored.codes(restored.embed_image(z), bits))
-            assert torch.allclose(model.hash_probs(model.embed_text(t), bits), restored.hash_probs(restored.embed_text(t), bits))
+            expected = model.hash_probs(model.embed_text(t), bits)
+            assert torch.allclose(restored.hash_probs(restored.embed_text(t), bits), expected)
     with pytest.raises(WeightsError, match="missing"):
         build(bits=(16, 32, 64)).load_state_dict_trainable(state)
 
@@ -192,7 +214,8 @@ def test_manifold_similarity_labels_and_knn():
 def synthetic_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs from 4 latent classes seen through fixed noisy linear image and text views."""
     views = torch.Generator().manual_seed(123)
-    centres, to_image, to_text = torch.randn(4, 8, generator=views), torch.randn(8, IMAGE_DIM, generator=views), torch.randn(8, TEXT_DIM, generator=views)
+    centres = torch.randn(4, 8, generator=views)
+    to_image, to_text = torch.randn(8, IMAGE_DIM, generator=views), torch.randn(8, TEXT_DIM, generator=views)
     g = torch.Generator().manual_seed(seed)
     classes = torch.arange(n) % 4
     latent = centres[classes] + 0.6 * torch.randn(n, 8, generator=g)
@@ -202,6 +225,7 @@ def synthetic_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def i2t_map(model: LSCHModel, zq: torch.Tensor, yq: torch.Tensor, td: torch.Tensor, yd: torch.Tensor, bits: int) -> float:
+    """MAP@all of image queries against a report database, Hamming ranking, shared-label relevance."""
     with torch.no_grad():
         q = model.codes(model.embed_image(zq), bits).numpy()
         d = model.codes(model.embed_text(td), bits).numpy()

@@ -40,6 +40,7 @@ class TrainState:
     best_epoch: int = -1
     best_model: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)  # epochs a restart (failure, re-run) resumed from
 
 
 def train_loop(config: dict) -> None:
@@ -69,6 +70,8 @@ def train_loop(config: dict) -> None:
                 state.best_model = {k: v.clone() for k, v in model.state_dict_trainable().items()}
         state.history.append(record)
         state.epoch = epoch + 1
+        if rank == 0:
+            print(_progress_line(record, len(stages)), flush=True)
         _report(record, state, model, optimizer, rank)
 
 
@@ -147,6 +150,11 @@ def dev_score(model, data: FeatureSet, db_rows, query_rows, stage: str, cfg: Med
     return float(np.mean([scores["labels"][d]["map@all"] for d in ("i2t", "t2i")]))
 
 
+def _progress_line(record: dict, n_epochs: int) -> str:
+    losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in record.items() if k.startswith("loss_"))
+    return f"epoch {record['epoch'] + 1}/{n_epochs} [{record['stage']}] {losses} dev_map={record['dev_map']:.3f}"
+
+
 def _restore(model: LSCHModel, optimizer: torch.optim.Optimizer) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -155,7 +163,10 @@ def _restore(model: LSCHModel, optimizer: torch.optim.Optimizer) -> TrainState:
         saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
     model.load_state_dict_trainable(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    return saved["state"]
+    state: TrainState = saved["state"]
+    state.resumed_at.append(state.epoch)
+    print(f"resuming from the checkpoint of epoch {state.epoch - 1}", flush=True)
+    return state
 
 
 def _report(record: dict, state: TrainState, model, optimizer, rank: int) -> None:

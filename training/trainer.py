@@ -72,6 +72,7 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
             "image_dim": int(features.image.shape[1]),
             "text_dim": int(features.text.shape[1]),
             "selected_epoch": state.best_epoch,
+            "resumed_at_epochs": state.resumed_at,
             "dev_map": state.best_score,
             "workers": cfg.train.workers,
             "use_gpu": bool(use_gpu),

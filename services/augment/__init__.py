@@ -16,6 +16,7 @@ from services.augment.generators import Generator, generator_key, make_generator
 from services.augment.templates import TEMPLATES, acquisition, prompt_fields
 from services.config import AugmentConfig, LLMConfig
 from services.data.item import Dataset, Item
+from services.data.text import summarize
 from services.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,10 @@ def run_augmentation(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, p
     key = generator.key if generator else generator_key(cfg, llm_cfg)
     cache = AugmentCache(cache_path(dataset.name, key))
     run = AugmentRun(texts={}, cache_path=cache.path)
-    items = []
-    for item in dataset.items:
-        if item.report.strip():
-            items.append(item)
-        else:
-            run.problems.append(f"item {item.id}: empty report, skipped")
+    items = [item for item in dataset.items if item.report.strip()]
+    if len(items) < len(dataset.items):
+        no_text = [item.id for item in dataset.items if not item.report.strip()]
+        run.problems.append(summarize("items without report text, skipped", no_text))
     names = [name for name in TEMPLATES if name in cfg.templates]
     with tqdm(total=len(items) * len(names), desc=f"augment {dataset.name}", unit="text", disable=not progress) as bar:
         for name in names:

@@ -145,10 +145,10 @@ def end_sentence(text: str) -> str:
 def clean_generation(text: str) -> str:
     """An LLM continuation cut to its answer.
 
-    Stops at the first blank line, at a line that opens a new labelled field ("Findings: ..."), and
+    Stops at the first blank line or leaked special token (``<start_of_image>``), at a line that opens a new labelled field ("Findings: ..."), and
     at the first repeated sentence; drops a trailing unfinished sentence when a finished one precedes it.
     """
-    text = re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0]
+    text = re.split(r"\n\s*\n|<[a-z_]{2,30}>", text.strip(), maxsplit=1)[0]  # blank line or a special token
     lines = []
     for line in text.split("\n"):
         if lines and re.match(r"^\s*[A-Z][\w /-]{0,40}:", line):

@@ -41,6 +41,7 @@ IMAGING_TERMS = {
         "shoulder", "hip", "knee", "ankle", "wrist", "foot", "femur", "bone",
     ),
 }
+MAX_FIELD_WORDS = 120  # a longer field is cut: generation cost grows with the prompt
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Template:
     def fill(self, values: dict[str, str]) -> str:
         """The prompt for ``values`` (field name -> text); empty fields are left out."""
         lines = [self.instruction, ""]
-        lines += [f"{field}: {one_line(values[field])}" for field in self.fields if one_line(values.get(field, ""))]
+        lines += [f"{field}: {clip(values[field])}" for field in self.fields if clip(values.get(field, ""))]
         return "\n".join(lines + ["", f"{self.answer_cue}:"])
 
 
@@ -90,6 +91,11 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+def clip(text: str, max_words: int = MAX_FIELD_WORDS) -> str:
+    """``text`` on one line, cut to its first ``max_words`` words (bounds the prompt length)."""
+    return " ".join(text.split()[:max_words])
+
+
 def one_line(text: str) -> str:
     """``text`` with all whitespace runs (newlines included) collapsed to one space."""
     return " ".join(text.split())
@@ -107,7 +113,7 @@ def acquisition(item: Item) -> str:
     known = " ".join(parts).lower()
     for terms in IMAGING_TERMS.values():
         for term in terms:
-            flags = 0 if term[:2].isupper() else re.IGNORECASE  # acronyms match in capitals only
+            flags = 0 if term.isupper() else re.IGNORECASE  # acronyms match in capitals only
             if term.lower() not in known and re.search(rf"\b{re.escape(term)}\b", item.report, flags):
                 parts.append(term)
                 known += " " + term.lower()

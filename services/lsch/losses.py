@@ -60,7 +60,8 @@ def contrastive_loss(
     """Symmetric InfoNCE between paired rows of ``a`` and ``b`` with label masking and hard-negative weights."""
     logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau
     n = len(logits)
-    negatives = ~torch.eye(n, dtype=torch.bool, device=logits.device) & ~shares_label(labels, labels, n, n).to(logits.device)
+    same_label = shares_label(labels, labels, n, n).to(logits.device)
+    negatives = ~torch.eye(n, dtype=torch.bool, device=logits.device) & ~same_label
     return 0.5 * (
         _info_nce_rows(logits, negatives, hard_negative_strength)
         + _info_nce_rows(logits.T, negatives.T, hard_negative_strength)

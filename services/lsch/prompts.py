@@ -16,6 +16,11 @@ The LLM weights are frozen (``requires_grad`` False) and the LLM stays in eval m
 only the soft prompt (and optional LoRA adapters, peft, off by default) train. Every sequence of a
 batch has the same length, so no padding or attention mask is needed.
 
+The prefix (BOS + prompts) is the same for every item, and under causal attention it never sees
+the content: it runs once per call, its keys and values (KV cache, still differentiable, so the
+soft prompt gets its gradient) are repeated over the batch, and only the m content tokens run per
+item. This is the full-sequence computation exactly, (prefix + m) / m times cheaper.
+
 v is pooled from the last hidden state over the content positions: ``"mean"`` (default) averages
 them, ``"last"`` takes the final position. Under causal attention every content position has seen
 the whole prompt, and the mean over several positions is a steadier summary from a base (not
@@ -91,10 +96,13 @@ class PromptedLLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
         """Content tokens [B, m, d] in the LLM's input-embedding space -> pooled v [B, d]."""
+        body = self.llm.base_model  # the decoder without the LM head
         prefix = self.prefix(modality).to(tokens.dtype)
-        sequence = torch.cat([prefix.expand(len(tokens), -1, -1), tokens], dim=1)
-        hidden = self.llm.base_model(inputs_embeds=sequence, use_cache=False).last_hidden_state
-        content = hidden[:, -tokens.shape[1]:]
+        cache = None
+        if len(prefix):  # empty only for a tokenizer without BOS and both prompts off
+            cache = body(inputs_embeds=prefix[None], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(tokens))
+        content = body(inputs_embeds=tokens, past_key_values=cache, use_cache=cache is not None).last_hidden_state
         return content.mean(dim=1) if self.pooling == "mean" else content[:, -1]
 
     def train(self, mode: bool = True) -> PromptedLLM:

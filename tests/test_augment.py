@@ -1,0 +1,372 @@
+"""Stage 1 augmentation: templates, extractive generator, cache resume, OpenAI-compatible and local LMs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from services.augment import augment_dataset, load_augmentations, run_augmentation
+from services.augment.cache import cache_path
+from services.augment.generators import (
+    ExtractiveGenerator,
+    LocalLMGenerator,
+    OpenAIGenerator,
+    clean_generation,
+    make_generator,
+    negated_findings,
+    positive_findings,
+)
+from services.augment.templates import TEMPLATES, prompt_fields, read_prompt
+from services.config import AugmentConfig, LLMConfig
+from services.data.item import Dataset, Item
+from services.errors import ConfigError, DataError
+
+IU_NORMAL = Item(
+    id="iu-1", image_paths=(), report="", patient_id="1", labels=("mesh:normal",), split="train", view="PA",
+    sections={
+        "indication": "Positive TB test",
+        "findings": "The cardiac silhouette and mediastinum size are within normal limits. There is no pulmonary "
+        "edema. There is no focal consolidation. There is no evidence of pneumothorax.",
+        "impression": "Normal chest x-ray.",
+    },
+)
+IU_ABNORMAL = Item(
+    id="iu-2", image_paths=(), report="", patient_id="2", labels=("mesh:Opacity",), split="train", view="PA",
+    sections={
+        "findings": "Stable calcified granuloma within the right upper lung. No pneumothorax, but there is a small "
+        "left pleural effusion. Malignancy cannot be excluded. The lungs are clear otherwise.",
+        "impression": "Small left pleural effusion.",
+    },
+)
+MEDPIX_STYLE = Item(
+    id="MPX1_synpic1", image_paths=(), report="Axial CT of the chest reveals an obstructing mass and resultant "
+    "LUL collapse. No pleural effusion.", patient_id="MPX1", labels=(), split="dev", view="Axial",
+    sections={
+        "caption": "Axial CT of the chest reveals an obstructing mass and resultant LUL collapse. No pleural effusion.",
+        "history": "60-year-old woman with chest pain.",
+        "diagnosis": "Small cell lung carcinoma",
+    },
+)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(request, tmp_path, monkeypatch):
+    """A fresh cache per unit test; real tests keep the session cache (converted weights live there)."""
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setenv("MEDHASH_CACHE", str(tmp_path))
+
+
+def with_report(item: Item) -> Item:
+    """The item with its report = findings + impression, as the IU X-ray reader builds it."""
+    text = "\n".join(item.sections[s] for s in ("caption", "findings", "impression") if s in item.sections)
+    return dataclasses.replace(item, report=text)
+
+
+def small_dataset(n: int = 6) -> Dataset:
+    """``n`` items cycling through the three report styles, each with its own extra finding."""
+    items = []
+    for i in range(n):
+        base = (IU_NORMAL, IU_ABNORMAL, MEDPIX_STYLE)[i % 3]
+        name = "caption" if "caption" in base.sections else "findings"
+        sections = base.sections | {name: f"{base.sections[name]} Nodule {i} in the liver."}
+        items.append(with_report(dataclasses.replace(base, id=f"item-{i}", sections=sections)))
+    return Dataset("unit", items, [])
+
+
+class Interrupting:
+    """The real extractive generator, interrupted (Ctrl-C) on its ``stop_at``-th call; records prompts."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.inner, self.stop_at, self.calls, self.prompts = ExtractiveGenerator(), stop_at, 0, []
+        self.key = self.inner.key
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        self.prompts += prompts
+        return self.inner.generate(prompts)
+
+
+# --- templates -----------------------------------------------------------------------------------
+
+
+def test_templates_fill_every_field_and_read_back():
+    fields = prompt_fields(with_report(IU_ABNORMAL), description="PA chest radiograph.")
+    assert fields["Imaging"] == "PA; lung"  # the view, then imaging words of the report
+    assert fields["Impression"] == "Small left pleural effusion."
+    for template in TEMPLATES.values():
+        prompt = template.fill(fields)
+        assert prompt.startswith(template.instruction + "\n\n") and prompt.endswith(f"\n\n{template.answer_cue}:")
+        again, values = read_prompt(prompt)
+        assert again is template
+        assert values == {f: " ".join(fields[f].split()) for f in template.fields if fields[f]}
+    history_free = TEMPLATES["report_summary"].fill(prompt_fields(MEDPIX_STYLE) | {"History": " \n"})
+    assert "History:" not in history_free  # empty fields are left out
+    with pytest.raises(ValueError, match="not a medhash augmentation prompt"):
+        read_prompt("Tell me a story.")
+
+
+def test_imaging_line_uses_view_and_report_words_not_labels():
+    fields = prompt_fields(dataclasses.replace(MEDPIX_STYLE, labels=("location:Thorax", "topic:Neoplasm")))
+    assert fields["Imaging"] == "Axial; CT; chest"
+    assert "Thorax" not in TEMPLATES["image_description"].fill(fields)
+    assert fields["Findings"] == MEDPIX_STYLE.sections["caption"]  # the image's own caption, not case text
+
+
+def test_long_fields_are_clipped():
+    long = dataclasses.replace(MEDPIX_STYLE, sections={"caption": "word " * 500})
+    prompt = TEMPLATES["image_description"].fill(prompt_fields(long))
+    assert len(prompt.split()) < 160
+
+
+# --- extractive generator ------------------------------------------------------------------------
+
+
+def test_negation_aware_sentence_selection():
+    findings = IU_ABNORMAL.sections["findings"]
+    assert positive_findings(findings) == [
+        "Stable calcified granuloma within the right upper lung.",
+        "there is a small left pleural effusion.",
+        "Malignancy cannot be excluded.",  # a pseudo-negation stays a positive mention
+    ]
+    assert negated_findings(findings) == ["pneumothorax"]
+    assert positive_findings(IU_NORMAL.sections["findings"]) == []
+    assert negated_findings(IU_NORMAL.sections["findings"]) == ["pulmonary edema", "focal consolidation", "pneumothorax"]
+
+
+def extractive(item: Item, description: str = "") -> dict[str, str]:
+    fields = prompt_fields(item, description)
+    return {name: ExtractiveGenerator().generate([t.fill(fields)])[0] for name, t in TEMPLATES.items()}
+
+
+def test_extractive_outputs_on_report_styles():
+    normal = extractive(with_report(IU_NORMAL))
+    assert normal["image_description"] == "PA, X-ray, chest, mediastinum image. No abnormality is described."
+    assert normal["report_summary"] == "Normal chest x-ray."
+    assert "Absent: pulmonary edema; focal consolidation; pneumothorax." in normal["joint_reasoning"]
+
+    abnormal = extractive(with_report(IU_ABNORMAL), description="PA chest radiograph.")
+    assert "pneumothorax" not in abnormal["image_description"]
+    assert abnormal["report_summary"].startswith("Small left pleural effusion. Stable calcified granuloma")
+    assert abnormal["joint_reasoning"].startswith("Diagnosis: Small left pleural effusion. Supporting findings: Stable")
+    assert abnormal["joint_reasoning"].endswith("Absent: pneumothorax. Image: PA chest radiograph.")
+
+    medpix = extractive(MEDPIX_STYLE)
+    assert medpix["image_description"] == (
+        "Axial, CT, chest image. Axial CT of the chest reveals an obstructing mass and resultant LUL collapse."
+    )
+    assert medpix["joint_reasoning"].startswith("Diagnosis: Small cell lung carcinoma.")
+    assert extractive(MEDPIX_STYLE) == medpix  # deterministic
+
+
+# --- pipeline and cache --------------------------------------------------------------------------
+
+
+def test_cache_resumes_after_interrupt_and_tolerates_a_truncated_line():
+    dataset, cfg = small_dataset(6), AugmentConfig(batch_size=2)
+    interrupted = Interrupting(stop_at=3)  # two batches of image descriptions done, then Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=interrupted)
+    path = cache_path("unit", ExtractiveGenerator.key)
+    assert len(path.read_text().splitlines()) == 4
+    with path.open("a") as f:
+        f.write('{"id": "item-4", "template": "image_descr')  # the append the interrupt cut short
+
+    resumed = Interrupting()
+    run = run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=resumed)
+    assert (run.cached, run.generated) == (4, 14) and len(resumed.prompts) == 14
+    assert not set(interrupted.prompts) & set(resumed.prompts)  # nothing recomputed
+    assert all(json.loads(line) for line in path.read_text().splitlines())  # the cut line is gone
+    assert run.texts == load_augmentations("unit", cfg)
+
+    again = run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=Interrupting())
+    assert (again.cached, again.generated) == (18, 0) and again.texts == run.texts
+
+
+def test_template_version_and_input_are_part_of_the_key(monkeypatch):
+    dataset, cfg = small_dataset(3), AugmentConfig()
+    first = augment_dataset(dataset, cfg, LLMConfig(), progress=False)
+    bumped = dataclasses.replace(TEMPLATES["report_summary"], version="2")
+    monkeypatch.setitem(TEMPLATES, "report_summary", bumped)
+    assert load_augmentations("unit", cfg)["item-0"].keys() == {"image_description", "joint_reasoning"}
+    run = run_augmentation(dataset, cfg, LLMConfig(), progress=False)
+    assert (run.generated, run.cached) == (3, 6) and run.texts == first
+
+    edited = Dataset("unit", [dataclasses.replace(dataset.items[0], report="New text. Large mass.", sections={})]
+                     + dataset.items[1:], [])
+    run = run_augmentation(edited, cfg, LLMConfig(), progress=False)
+    assert run.generated == 3  # the edited item's three prompts changed, nothing else
+    assert "Large mass." in run.texts["item-0"]["report_summary"]
+
+
+def test_bad_items_are_reported_and_skipped():
+    dataset = small_dataset(2)
+    dataset.items.append(dataclasses.replace(MEDPIX_STYLE, id="empty", report="", sections={}))
+    run = run_augmentation(dataset, AugmentConfig(templates=("report_summary",)), LLMConfig(), progress=False)
+    assert set(run.texts) == {"item-0", "item-1"}
+    assert run.problems == ["1 items without report text, skipped (first: empty)"]
+
+
+def test_corrupt_cache_line_is_a_clear_error():
+    dataset, cfg = small_dataset(2), AugmentConfig()
+    augment_dataset(dataset, cfg, LLMConfig(), progress=False)
+    path = cache_path("unit", ExtractiveGenerator.key)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"extractive-v1.jsonl:2: not an augmentation record"):
+        augment_dataset(dataset, cfg, LLMConfig(), progress=False)
+    with pytest.raises(DataError, match="medhash augment --dataset nowhere"):
+        load_augmentations("nowhere", cfg)
+
+
+# --- LLM output cleanup and the local LM ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, clean", [
+    (" The lung is clear. The heart is big. The lung is clear. The heart", "The lung is clear. The heart is big."),
+    ("Mass in the liver.\n\nFindings: more text", "Mass in the liver."),
+    ("Mass in the liver.\nImpression: cancer", "Mass in the liver."),
+    ("Small effusion.<start_of_image>The lungs", "Small effusion."),
+    ("An unfinished answer without an end", "An unfinished answer without an end"),
+])
+def test_clean_generation(raw, clean):
+    assert clean_generation(raw) == clean
+
+
+def test_local_generator_batches_left_padded_prompts():
+    from services.encoders.llm import tiny_causal_lm
+
+    model, tokenizer = tiny_causal_lm()
+    generator = LocalLMGenerator(model, tokenizer, "tiny", max_new_tokens=12, temperature=0.0, batch_size=3)
+    prompts = ["Findings: a mass.\n\nKey findings:", "Findings: a much longer report with many more words.\n\nKey findings:"]
+    alone = [generator.generate([p])[0] for p in prompts]
+    assert generator.generate(prompts) == alone  # padding does not change what a prompt gets
+
+
+@pytest.mark.real
+def test_local_gemma_generates_clean_text():
+    cfg = AugmentConfig(generator="local", max_new_tokens=24, batch_size=2)
+    generator = make_generator(cfg, LLMConfig())
+    fields = [prompt_fields(with_report(IU_ABNORMAL)), prompt_fields(MEDPIX_STYLE)]
+    texts = generator.generate([TEMPLATES["report_summary"].fill(f) for f in fields])
+    assert generator.key == "local-gemma-3-270m-n24-t0"
+    for text in texts:
+        assert text.strip() and "\n\n" not in text and "<" not in text
+        assert len(text.split()) <= 24
+        sentences = [s.lower() for s in re.split(r"(?<=[.!?])\s+", text)]
+        assert len(sentences) == len(set(sentences))
+
+
+# --- OpenAI-compatible endpoint ------------------------------------------------------------------
+
+
+class ChatServer(ThreadingHTTPServer):
+    """A tiny chat-completions server: answers with the first sentence of the prompt's findings."""
+
+    def __init__(self, status: int = 200):
+        super().__init__(("127.0.0.1", 0), ChatHandler)
+        self.status, self.requests = status, []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, dict(self.headers), body))
+        if self.server.status != 200:
+            self.send_error(self.server.status)
+            return
+        prompt = body["messages"][0]["content"]
+        findings = re.search(r"^Findings: (.+?[.!?])(?:\s|$)", prompt, re.MULTILINE)
+        answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": findings.group(1)}}]}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    servers = []
+
+    def start(status: int = 200) -> ChatServer:
+        servers.append(ChatServer(status))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_openai_generator_against_a_local_server(chat_server, monkeypatch):
+    server = chat_server()
+    monkeypatch.setenv("TEST_LLM_KEY", "secret")
+    cfg = AugmentConfig(generator="openai", endpoint=server.url + "/", model="med-llm", api_key_env="TEST_LLM_KEY",
+                        max_new_tokens=32, templates=("report_summary",), batch_size=2)
+    texts = augment_dataset(small_dataset(3), cfg, LLMConfig(), progress=False)
+    assert texts["item-0"]["report_summary"] == "The cardiac silhouette and mediastinum size are within normal limits."
+    assert texts["item-2"]["report_summary"] == MEDPIX_STYLE.sections["caption"].split(" No")[0]
+    path, headers, body = server.requests[0]
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer secret"
+    assert body["model"] == "med-llm" and body["max_tokens"] == 32 and body["temperature"] == 0.0
+    assert body["messages"][0]["role"] == "user"
+    assert read_prompt(body["messages"][0]["content"])[0].name == "report_summary"
+    assert cache_path("unit", "openai-med-llm-n32-t0").is_file()
+
+
+def test_openai_generator_errors(chat_server):
+    def generator(url: str, model: str = "m") -> OpenAIGenerator:
+        return OpenAIGenerator(url, model, "NO_SUCH_ENV", "k", 16, 0.0, timeout_s=5, retries=1, backoff_s=0.01)
+
+    failing = chat_server(status=500)
+    with pytest.raises(DataError, match=r"failed after 2 attempts: HTTP 500"):
+        generator(failing.url).generate(["Findings: x."])
+    assert len(failing.requests) == 2 and "Authorization" not in failing.requests[0][1]
+    with pytest.raises(ConfigError, match="HTTP 404"):
+        generator(chat_server(status=404).url).generate(["Findings: x."])
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(DataError, match="cannot connect"):
+        generator(closed).generate(["Findings: x."])
+    with pytest.raises(ConfigError, match="augment.model"):
+        generator(failing.url, model="")
+
+
+# --- real data -----------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_extractive_on_medpix_and_cli(shared_data, capsys):
+    from services.cli import main
+    from services.config import DataConfig
+    from services.data import open_dataset
+
+    dataset = open_dataset(DataConfig(dataset="medpix2", root=shared_data / "medpix2"), pairs_only=False)
+    texts = augment_dataset(dataset, AugmentConfig(), LLMConfig(), progress=False)
+    assert len(texts) == sum(1 for it in dataset.items if it.report.strip()) > 2000
+    assert all(len(views) == 3 and all(v.strip() for v in views.values()) for views in texts.values())
+    negated = [it for it in dataset.items if re.match(r"No [a-z]+ [a-z]+\.$", it.report)]
+    for item in negated:  # a caption that only says what is absent describes no abnormality
+        assert texts[item.id]["image_description"].endswith("No abnormality is described.")
+
+    argv = ["augment", "--dataset", "medpix2", "--root", str(shared_data / "medpix2"), "--limit", "5"]
+    assert main(argv) == 0
+    assert "5 items, 0 texts generated, 15 from cache" in capsys.readouterr().out
