@@ -252,14 +252,14 @@ def test_local_generator_batches_left_padded_prompts():
 
 @pytest.mark.real
 def test_local_gemma_generates_clean_text():
-    cfg = AugmentConfig(generator="local", max_new_tokens=24, batch_size=2)
+    cfg = AugmentConfig(generator="local", max_new_tokens=16, batch_size=2)
     generator = make_generator(cfg, LLMConfig())
     fields = [prompt_fields(with_report(IU_ABNORMAL)), prompt_fields(MEDPIX_STYLE)]
     texts = generator.generate([TEMPLATES["report_summary"].fill(f) for f in fields])
-    assert generator.key == "local-gemma-3-270m-n24-t0"
+    assert generator.key == "local-gemma-3-270m-n16-t0"
     for text in texts:
         assert text.strip() and "\n\n" not in text and "<" not in text
-        assert len(text.split()) <= 24
+        assert len(text.split()) <= 16
         sentences = [s.lower() for s in re.split(r"(?<=[.!?])\s+", text)]
         assert len(sentences) == len(set(sentences))
 

@@ -16,9 +16,9 @@ from services.codes import hamming_distances, save_codes_npz
 from services.errors import ConfigError
 from services.evaluation import evaluate
 from services.featureset import FeatureSet, build_featureset
-from services.lsch.pipeline import build_lsch, embed, hash_codes
+from services.lsch.pipeline import embed, hash_codes, load_trained
 from services.metrics import pr_curve_by_radius, protocol_relevance
-from training.run_dir import RunDir
+from services.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def evaluate_run(
     if not len(query):
         raise ConfigError(f"{features.dataset}: the query split is empty")
 
-    model = build_lsch(cfg, features.image.shape[1], features.text.shape[1])
-    model.load_state_dict_trainable(run.weights())
+    _, model = load_trained(run)
     v = embed(model, features.image, features.text)
     v_query = {m: x[query] for m, x in v.items()}
     v_db = {m: x[db] for m, x in v.items()}

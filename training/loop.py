@@ -19,7 +19,8 @@ import torch.distributed as dist
 from services.config import MedhashConfig
 from services.evaluation import evaluate
 from services.featureset import FeatureSet
-from services.lsch import LSCHModel, alignment_loss, lsch_loss
+from services.lsch import LSCHModel
+from services.lsch.losses import embedding_alignment_loss, hashing_loss, pair_features
 from services.lsch.pipeline import build_lsch, embed, hash_codes
 
 STATE_FILE = "state.pt"
@@ -76,25 +77,37 @@ def train_loop(config: dict) -> None:
 
 
 def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> dict[str, float]:
-    """One pass over the shuffled train rows; returns the mean of each loss term."""
+    """One pass over the shuffled train rows; returns the mean of each loss term.
+
+    Every worker draws the same global batches and augmented views; each embeds its share, the
+    embeddings are gathered, and every worker scores the whole global batch. With gradients
+    averaged afterwards, N workers take exactly the step one worker would.
+    """
     batch = cfg.train.batch_size
     batches = [order[i : i + batch] for i in range(0, len(order) - batch // 2, batch)] or [order]
     if cfg.train.max_steps_per_epoch:
         batches = batches[: cfg.train.max_steps_per_epoch]
     sums: dict[str, float] = {}
     for rows in batches:
-        rows = np.sort(rows[rank::world])  # this worker's share of the global batch
-        z = torch.from_numpy(data.image[rows])
-        t = torch.from_numpy(_text_views(data, rows, cfg, rng))
+        rows = rows[: len(rows) - len(rows) % world]
+        text = _text_views(data, rows, cfg, rng)
+        # the global batch in the order the gathered shards come back: rank 0's rows, rank 1's, ...
+        shards = [np.arange(r, len(rows), world) for r in range(world)]
+        rows, text = rows[np.concatenate(shards)], text[np.concatenate(shards)]
+        mine = slice(rank * len(shards[0]), (rank + 1) * len(shards[0]))
+        z, t = torch.from_numpy(data.image[rows]), torch.from_numpy(text)
         labels = torch.from_numpy(data.labels[rows].astype(np.float32))
-        if stage == "align":
-            loss, parts = alignment_loss(model, z, t, labels, cfg.lsch)
-        elif stage == "rbm":
+        if stage == "rbm":
             with torch.no_grad():
-                v = torch.cat([model.embed_image(z), model.embed_text(t)])
+                v = torch.cat([model.embed_image(z[mine]), model.embed_text(t[mine])])
             loss, parts = _rbm_loss(model, v)
         else:
-            loss, parts = lsch_loss(model, z, t, labels, cfg.lsch)
+            vx = _gather_rows(model.embed_image(z[mine]), world)
+            vy = _gather_rows(model.embed_text(t[mine]), world)
+            if stage == "align":
+                loss, parts = embedding_alignment_loss(vx, vy, labels, cfg.lsch)
+            else:
+                loss, parts = hashing_loss(model, vx, vy, pair_features(z, t), labels, cfg.lsch)
         optimizer.zero_grad()
         loss.backward()
         _average_gradients(model, world)
@@ -102,6 +115,28 @@ def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> d
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value / len(batches)
     return {f"loss_{k}": v for k, v in sums.items()}
+
+
+class _GatherRows(torch.autograd.Function):
+    """All workers' rows concatenated by rank; backward returns this worker's share of the
+    gradient summed over every worker's copy of the loss (as torch.distributed.nn's all_gather)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, world: int) -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rows, ctx.rank = len(local), dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+
+
+def _gather_rows(local: torch.Tensor, world: int) -> torch.Tensor:
+    return local if world == 1 else _GatherRows.apply(local, world)
 
 
 def _text_views(data: FeatureSet, rows: np.ndarray, cfg: MedhashConfig, rng: np.random.Generator) -> np.ndarray:
@@ -119,7 +154,7 @@ def _rbm_loss(model: LSCHModel, v: torch.Tensor) -> tuple[torch.Tensor, dict[str
     with torch.no_grad():
         visible = model.visible(v)
         error = np.mean([float(model.heads[str(b)].reconstruction_error(visible)) for b in model.bits])
-    return loss, {"cd": float(loss), "reconstruction": error, "total": float(loss)}
+    return loss, {"cd": loss.item(), "reconstruction": error, "total": loss.item()}
 
 
 def _average_gradients(model: LSCHModel, world: int) -> None:

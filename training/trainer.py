@@ -12,7 +12,8 @@ from services.config import MedhashConfig
 from services.errors import ConfigError
 from services.featureset import FeatureSet, build_featureset
 from training.loop import STATE_FILE, schedule, train_loop
-from training.run_dir import RunDir
+from training.plots import plot_history
+from services.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -79,5 +80,6 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
             "wall_time_s": round(time.time() - started, 1),
         },
     )
+    plot_history(state.history, run.path / "loss.png")
     log.info("run directory written: %s (selected epoch %d, dev MAP %.3f)", out, state.best_epoch, state.best_score)
     return run

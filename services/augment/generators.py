@@ -21,7 +21,7 @@ from typing import Protocol
 import requests
 import torch
 
-from services.augment.templates import read_prompt
+from services.augment.templates import Template, read_prompt
 from services.config import AugmentConfig, LLMConfig
 from services.errors import ConfigError, DataError
 
@@ -69,6 +69,7 @@ def slug(text: str) -> str:
 # --- sentences, negation and cleanup --------------------------------------------------------------
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])|\s*\n\s*|\s*[•·]\s*")
+_ENUMERATOR = re.compile(r"^(?:\(?\d{1,2}[.)]|[a-z]\))\s+")  # "2) ", "(3) ", "1. ", "a) "
 # NegEx-style: pseudo-negations are removed first, so "cannot be excluded" stays a positive mention.
 _PSEUDO_NEGATIONS = re.compile(
     r"\b(?:no (?:significant |interval )?change|not (?:be )?excluded|cannot be (?:excluded|ruled out)|"
@@ -89,8 +90,9 @@ _ENTITY_LEAD = re.compile(r"^(?:(?:evidence|signs?) of |any |a |an |the |of |is 
 
 
 def sentences(text: str) -> list[str]:
-    """``text`` split into sentences (at sentence ends, line breaks and bullets), empty ones dropped."""
-    return [s.strip(" -") for s in _SENTENCE_END.split(text) if s and s.strip(" -.")]
+    """``text`` split into sentences (at sentence ends, line breaks and bullets), without list numbers."""
+    parts = (_ENUMERATOR.sub("", s.strip(" -")) for s in _SENTENCE_END.split(text) if s)
+    return [s for s in parts if re.search(r"[A-Za-z]", s)]
 
 
 def clauses(sentence: str) -> list[str]:
@@ -108,7 +110,7 @@ def positive_findings(text: str) -> list[str]:
     for sentence in sentences(text):
         positive = [c for c in clauses(sentence) if not is_negated(c) and not _NORMAL.search(c)]
         if positive:
-            kept.append(sentence if len(positive) == len(clauses(sentence)) else end_sentence("; ".join(positive)))
+            kept.append(end_sentence(sentence if len(positive) == len(clauses(sentence)) else "; ".join(positive)))
     return dedupe(kept)
 
 
@@ -125,16 +127,18 @@ def negated_findings(text: str, max_words: int = 8) -> list[str]:
     return dedupe(absent)
 
 
+def normalised(text: str) -> str:
+    """``text`` for comparison: lower case, punctuation and spacing ignored."""
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
 def dedupe(texts: list[str]) -> list[str]:
-    """``texts`` without repeats (compared case- and punctuation-insensitively), order kept."""
-    seen: set[str] = set()
-    kept = []
+    """``texts`` without repeats (compared :func:`normalised`), order kept."""
+    first: dict[str, str] = {}
     for text in texts:
-        norm = re.sub(r"\W+", " ", text.lower()).strip()
-        if norm and norm not in seen:
-            seen.add(norm)
-            kept.append(text)
-    return kept
+        if normalised(text):
+            first.setdefault(normalised(text), text)
+    return list(first.values())
 
 
 def end_sentence(text: str) -> str:
@@ -145,8 +149,9 @@ def end_sentence(text: str) -> str:
 def clean_generation(text: str) -> str:
     """An LLM continuation cut to its answer.
 
-    Stops at the first blank line or leaked special token (``<start_of_image>``), at a line that opens a new labelled field ("Findings: ..."), and
-    at the first repeated sentence; drops a trailing unfinished sentence when a finished one precedes it.
+    Stops at the first blank line, at a leaked special token (``<start_of_image>``), at a line that
+    opens a new labelled field ("Findings: ..."), and before the first repeated sentence; drops a
+    trailing unfinished sentence when a finished one precedes it.
     """
     text = re.split(r"\n\s*\n|<[a-z_]{2,30}>", text.strip(), maxsplit=1)[0]  # blank line or a special token
     lines = []
@@ -164,10 +169,9 @@ def dedupe_until_repeat(items: list[str]) -> list[str]:
     """``items`` up to (not including) the first one that repeats an earlier one."""
     seen: set[str] = set()
     for i, item in enumerate(items):
-        norm = re.sub(r"\W+", " ", item.lower()).strip()
-        if norm in seen:
+        if normalised(item) in seen:
             return items[:i]
-        seen.add(norm)
+        seen.add(normalised(item))
     return items
 
 
@@ -188,7 +192,7 @@ class ExtractiveGenerator:
     def generate(self, prompts: list[str]) -> list[str]:
         return [self._answer(*read_prompt(p)) for p in prompts]
 
-    def _answer(self, template, values: dict[str, str]) -> str:
+    def _answer(self, template: Template, values: dict[str, str]) -> str:
         findings = positive_findings(values.get("Findings", ""))
         impression = sentences(values.get("Impression", ""))
         if template.name == "image_description":

@@ -129,15 +129,30 @@ def balance_loss(u: torch.Tensor) -> torch.Tensor:
 def lsch_loss(
     model: LSCHModel, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, cfg: LSCHConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The joint loss summed over the model's code lengths; ``parts`` holds each term's value.
+    """The joint loss of one batch: :func:`hashing_loss` of its embeddings.
 
     ``z`` image features [B, image_dim], ``t`` text features [B, text_dim] of the paired report
     (or an augmented view of it), ``labels`` multi-hot [B, C] (zero rows or None: unknown).
     """
+    return hashing_loss(model, model.embed_image(z), model.embed_text(t), pair_features(z, t), labels, cfg)
+
+
+def hashing_loss(
+    model: LSCHModel,
+    vx: torch.Tensor,
+    vy: torch.Tensor,
+    pair_feats: torch.Tensor,
+    labels: torch.Tensor | None,
+    cfg: LSCHConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The joint loss summed over the model's code lengths; ``parts`` holds each term's value.
+
+    Takes the embeddings v^x, v^y and the frozen pair features rather than the raw batch, so data
+    parallel training can gather them from every worker and score the whole global batch.
+    """
     strength = cfg.hard_negative_strength if cfg.hard_negative_mining else 0.0
-    vx, vy = model.embed_image(z), model.embed_text(t)
     similarity = manifold_similarity(
-        labels, labels, pair_features(z, t), pair_features(z, t), cfg.knn_k, cfg.manifold_label_weight
+        labels, labels, pair_feats, pair_feats, cfg.knn_k, cfg.manifold_label_weight
     ).to(vx.device)
     terms = {"contrastive": 0.0, "manifold": 0.0, "quantization": 0.0, "balance": 0.0}
     for bits in model.bits:
@@ -159,7 +174,14 @@ def lsch_loss(
 def alignment_loss(
     model: LSCHModel, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, cfg: LSCHConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Float-level alignment before hashing: the same contrastive loss on v^x, v^y (heads untouched)."""
+    """Float-level alignment before hashing: :func:`embedding_alignment_loss` of one batch."""
+    return embedding_alignment_loss(model.embed_image(z), model.embed_text(t), labels, cfg)
+
+
+def embedding_alignment_loss(
+    vx: torch.Tensor, vy: torch.Tensor, labels: torch.Tensor | None, cfg: LSCHConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The contrastive loss on v^x, v^y themselves (heads untouched)."""
     strength = cfg.hard_negative_strength if cfg.hard_negative_mining else 0.0
-    loss = contrastive_loss(model.embed_image(z), model.embed_text(t), labels, cfg.tau, strength)
+    loss = contrastive_loss(vx, vy, labels, cfg.tau, strength)
     return loss, {"contrastive_v": float(loss.detach()), "total": float(loss.detach())}

@@ -7,6 +7,7 @@ import torch
 from services.codes import pack_codes
 from services.config import MedhashConfig
 from services.lsch.model import LSCHModel
+from services.run_dir import RunDir
 
 TINY_RANDOM_LLM = "tiny-random"  # llm.name for fast tests: a tiny random Gemma3, no weights read
 
@@ -22,6 +23,14 @@ def build_lsch(cfg: MedhashConfig, image_dim: int, text_dim: int) -> LSCHModel:
         else:
             llm, tokenizer = load_causal_lm(cfg.llm)
     return LSCHModel(cfg.lsch, image_dim, text_dim, llm, tokenizer)
+
+
+def load_trained(run: RunDir) -> tuple[MedhashConfig, LSCHModel]:
+    """The configuration and the trained model (eval mode) of a finished run directory."""
+    cfg, meta = run.config(), run.meta()
+    model = build_lsch(cfg, meta["image_dim"], meta["text_dim"])
+    model.load_state_dict_trainable(run.weights())
+    return cfg, model.eval()
 
 
 @torch.no_grad()

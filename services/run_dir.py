@@ -3,7 +3,7 @@
     config.yaml        the full validated configuration
     model.safetensors  the trained weights (the model selected on dev), frozen backbones excluded
     labels.json        the label list, in the order of the label vectors
-    history.json       per-epoch losses and dev scores; loss.png plots them
+    history.json       per-epoch losses and dev scores (training also plots them as loss.png)
     meta.json          git commit, dataset sizes, feature widths, selected epoch, wall time
     ray/               Ray Train's checkpoints (a re-run with the same --out resumes from them)
 """
@@ -41,7 +41,6 @@ class RunDir:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(self.weights_file))
         self.labels_file.write_text(json.dumps(list(label_names), indent=1), encoding="utf-8")
         self.history_file.write_text(json.dumps(history, indent=1), encoding="utf-8")
-        plot_history(history, self.path / "loss.png")
         self.meta_file.write_text(json.dumps({"git_commit": git_commit(), **meta}, indent=1), encoding="utf-8")
 
     def config(self) -> MedhashConfig:
@@ -72,28 +71,3 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def plot_history(history: list[dict], path: Path) -> None:
-    """Total loss per epoch (by stage) and the dev score, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for stage in dict.fromkeys(r["stage"] for r in history):
-        rows = [r for r in history if r["stage"] == stage]
-        ax.plot([r["epoch"] for r in rows], [r["loss_total"] for r in rows], marker="o", label=f"loss ({stage})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
-    dev = [r for r in history if "dev_map" in r]
-    if dev:
-        twin = ax.twinx()
-        twin.plot([r["epoch"] for r in dev], [r["dev_map"] for r in dev], color="black", linestyle="--", label="dev MAP")
-        twin.set_ylabel("dev MAP@all (labels)")
-        twin.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
