@@ -36,8 +36,14 @@ class AugmentRun:
 
 
 def augment_dataset(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, progress: bool = True) -> Augmentations:
-    """Item id -> template name -> text for ``cfg.templates``, generating only what is not cached."""
-    return run_augmentation(dataset, cfg, llm_cfg, progress=progress).texts
+    """Item id -> template name -> text for ``cfg.templates``, generating only what is not cached.
+
+    Items that could not be augmented are logged as warnings.
+    """
+    run = run_augmentation(dataset, cfg, llm_cfg, progress=progress)
+    for problem in run.problems:
+        log.warning(problem)
+    return run.texts
 
 
 def run_augmentation(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, progress: bool = True,
@@ -76,8 +82,6 @@ def run_augmentation(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, p
                     for (item, prompt), text in zip(missing, outputs):
                         keep(run, cache, item, name, prompt, text, key)
                 bar.update(len(batch))
-    for problem in run.problems:
-        log.warning(problem)
     return run
 
 

@@ -1,6 +1,7 @@
 """Load one medical image (PNG / JPEG / DICOM) as an 8-bit PIL image, or fail with a DataError."""
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -26,37 +27,41 @@ def load_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: image file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: image file is empty (0 bytes)")
-    if _is_dicom(path):
-        return _load_dicom(path)
-    return _load_pillow(path)
+    return decode_image(path.read_bytes(), str(path), dicom=path.suffix.lower() in (".dcm", ".dicom"))
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    with path.open("rb") as f:
-        return f.read(132)[128:132] == b"DICM"
+def decode_image(data: bytes, name: str, dicom: bool = False, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image encoded in ``data`` (as :func:`load_image`); ``name`` identifies it in errors.
+
+    DICOM when ``dicom`` is set or the bytes carry the ``DICM`` magic; images of more than
+    ``max_pixels`` pixels are refused before their pixels are decoded.
+    """
+    if not data:
+        raise DataError(f"{name}: image is empty (0 bytes)")
+    if dicom or data[128:132] == b"DICM":
+        return _load_dicom(io.BytesIO(data), name, max_pixels)
+    return _load_pillow(io.BytesIO(data), name, max_pixels)
 
 
-def _load_pillow(path: Path) -> Image.Image:
+def _load_pillow(source: io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is enforced below
-            with Image.open(path) as image:
-                _check_size(path, image.width * image.height)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is enforced below
+            with Image.open(source) as image:
+                _check_size(name, image.width * image.height, max_pixels)
                 image.load()
                 return _to_8bit(image)
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image Pillow or pydicom can read") from None
+        raise DataError(f"{name}: not an image Pillow or pydicom can read") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: image too large ({exc})") from None
+        raise DataError(f"{name}: image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+        raise DataError(f"{name}: corrupt or truncated image ({exc})") from None
 
 
-def _check_size(path: Path, pixels: int) -> None:
-    if pixels > MAX_PIXELS:
-        raise DataError(f"{path}: image has {pixels:,} pixels, more than the {MAX_PIXELS:,} limit")
+def _check_size(name: str, pixels: int, max_pixels: int) -> None:
+    if pixels > max_pixels:
+        raise DataError(f"{name}: image has {pixels:,} pixels, more than the {max_pixels:,} limit")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -75,16 +80,16 @@ def _min_max_uint8(array: np.ndarray) -> np.ndarray:
     return np.round(scaled * 255).astype(np.uint8)
 
 
-def _load_dicom(path: Path) -> Image.Image:
+def _load_dicom(source: io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(source)
         rows, columns = int(ds.Rows), int(ds.Columns)
-        _check_size(path, rows * columns * int(getattr(ds, "NumberOfFrames", 1) or 1))
+        _check_size(name, rows * columns * int(getattr(ds, "NumberOfFrames", 1) or 1), max_pixels)
         pixels = ds.pixel_array
     except DataError:
         raise
     except Exception as exc:  # pydicom raises many kinds for truncated / odd files
-        raise DataError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{name}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
     color = int(getattr(ds, "SamplesPerPixel", 1)) == 3
     if pixels.ndim == (4 if color else 3):
         pixels = pixels[0]

@@ -1,0 +1,478 @@
+"""The Ray Serve application: encoder, hasher and index deployments behind a FastAPI ingress.
+
+    Ingress (FastAPI)  --->  ImageEncoder  image bytes -> v^x   (@serve.batch, autoscaled)
+                       --->  TextEncoder   text -> v^y          (@serve.batch, autoscaled)
+                       --->  Hasher        v -> packed codes    (autoscaled)
+                       --->  Index         Milvus search / upsert (1 replica on a milvus-lite file)
+
+Routes: ``POST /search/image`` (multipart), ``POST /search/text`` (JSON), ``POST /ingest``,
+``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /healthz``, ``GET /metrics``, docs at ``/docs``.
+Errors are JSON ``{"error": "..."}`` with a 4xx status; a bad request never touches the index.
+:func:`build_app` builds the application from a run directory; :func:`app_builder` is the
+``import_path`` of a Serve config file (deploy/serve.yaml).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import io
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+
+from serving import metrics
+from services.config import DeploymentResources, MedhashConfig, ServeConfig, cache_root, load_config
+from services.errors import ConfigError, DataError
+from services.run_dir import RunDir
+
+LOCALHOSTS = {"127.0.0.1", "localhost", "::1"}
+OPEN_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+DIRECTIONS = {"reports": "text", "images": "image", "both": None}  # direction -> modality searched
+Direction = Literal["reports", "images", "both"]
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _load_model(run_path: str):
+    from services.lsch.pipeline import load_trained
+
+    return load_trained(RunDir(run_path))
+
+
+@serve.deployment(name="ImageEncoder")
+class ImageEncoder:
+    """Image bytes -> (v^x, size of the batch it was encoded in); images decode per request, embed in batches."""
+
+    def __init__(self, run_path: str, cfg: ServeConfig):
+        from serving.pipeline import ImageEmbedder
+
+        _set_threads(cfg.torch_threads)
+        self.embedder = ImageEmbedder(*_load_model(run_path), max_pixels=cfg.max_image_pixels)
+        self.embed.set_max_batch_size(cfg.image_batch_size)
+        self.embed.set_batch_wait_timeout_s(cfg.image_batch_wait_s)
+
+    async def __call__(self, data: bytes, name: str) -> tuple[np.ndarray, int]:
+        return await self.embed(self.embedder.preprocess(data, name))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def embed(self, pixels: list) -> list[tuple[np.ndarray, int]]:
+        return [(row, len(pixels)) for row in self.embedder.embed(pixels)]
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoder:
+    """Report text -> (v^y, size of the batch it was encoded in), embedded in dynamic batches."""
+
+    def __init__(self, run_path: str, cfg: ServeConfig):
+        from serving.pipeline import TextEmbedder
+
+        _set_threads(cfg.torch_threads)
+        self.embedder = TextEmbedder(*_load_model(run_path), max_chars=cfg.max_text_chars)
+        self.embed.set_max_batch_size(cfg.text_batch_size)
+        self.embed.set_batch_wait_timeout_s(cfg.text_batch_wait_s)
+
+    async def __call__(self, text: str) -> tuple[np.ndarray, int]:
+        return await self.embed(self.embedder.check(text))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        return [(row, len(texts)) for row in self.embedder.embed(texts)]
+
+
+@serve.deployment(name="Hasher")
+class HasherDeployment:
+    """v -> packed codes through the run's GBRBM heads."""
+
+    def __init__(self, run_path: str, cfg: ServeConfig):
+        from serving.pipeline import Hasher
+
+        _set_threads(cfg.torch_threads)
+        self.hasher = Hasher(_load_model(run_path)[1])
+
+    def __call__(self, v: np.ndarray, bits: int) -> np.ndarray:
+        return self.hasher(v, bits)
+
+    def all_bits(self, v: np.ndarray) -> dict[int, np.ndarray]:
+        return {bits: self.hasher(v, bits) for bits in self.hasher.bits}
+
+
+@serve.deployment(name="Index")
+class IndexDeployment:
+    """The Milvus code index: one replica owns a milvus-lite file; replicas scale with a server URI."""
+
+    def __init__(self, uri: str, bits: tuple[int, ...], token: str | None):
+        from services.index import CodeIndex
+
+        self.index = CodeIndex(uri, bits, token=token)
+
+    def search(self, bits: int, codes: np.ndarray, k: int, modality: str | None, labels: tuple[str, ...], view: str | None):
+        return self.index.search(bits, codes, k, modality=modality, labels=labels, view=view)
+
+    def upsert(self, bits: int, records: list) -> int:
+        return self.index.upsert(bits, records)
+
+    def get(self, item_id: str):
+        return self.index.get(item_id)
+
+    def count(self, bits: int) -> int:
+        return self.index.count(bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP ingress
+
+api = FastAPI(
+    title="medhash",
+    version="0.1.0",
+    description="Cross-modal medical image / report retrieval with binary hash codes (LSCH). "
+    "Send `Authorization: Bearer <token>` when the service requires auth.",
+)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the middleware enforces before any route runs."""
+
+    token: str | None  # None: no auth
+    max_request_bytes: int
+
+
+class TextSearch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="report text or a free-text question")
+    k: int = Field(10, ge=1, description="results to return")
+    direction: Direction = Field("images", description="what to search: images, reports or both")
+    bits: int | None = Field(None, description="code length; default the longest trained")
+    labels: list[str] = Field([], description="keep only results carrying all these labels")
+    view: str | None = Field(None, description="keep only results of this view / plane")
+
+
+def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    metrics.ERRORS.labels(kind).inc()
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _cause(exc: Exception) -> Exception:
+    """The original exception of one raised in another replica (Ray wraps it as a subclass)."""
+    return getattr(exc, "cause", None) or exc
+
+
+@api.exception_handler(DataError)
+async def _bad_input(request: Request, exc: DataError) -> JSONResponse:
+    return error_response(400, "bad_input", str(_cause(exc)))
+
+
+@api.exception_handler(ConfigError)
+async def _bad_option(request: Request, exc: ConfigError) -> JSONResponse:
+    return error_response(400, "bad_option", str(_cause(exc)))
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return error_response(422, "validation", problems)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    kind = {404: "not_found", 405: "method", 413: "too_large"}.get(exc.status_code, "http")
+    return error_response(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+def route_template(scope: dict) -> str:
+    """The matched route's path template (never the concrete path: ids stay out of metric labels)."""
+    for route in api.router.routes:
+        if route.matches(scope)[0] == Match.FULL:
+            return route.path
+    return "unmatched"
+
+
+@api.middleware("http")
+async def _guard_and_count(request: Request, call_next):
+    route, started = route_template(request.scope), time.perf_counter()
+    try:
+        response = await _guarded(request, call_next)
+    except Exception:
+        response = error_response(500, "internal", "internal error; see the replica log")
+    metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+    metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+async def _guarded(request: Request, call_next):
+    guard: Guard = request.app.state.guard
+    if guard.token and request.url.path not in OPEN_PATHS:
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {guard.token}".encode()):
+            return error_response(401, "auth", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    if request.method in ("POST", "PUT", "PATCH"):
+        length = request.headers.get("content-length", "")
+        if not length.isdigit():
+            return error_response(411, "too_large", "a Content-Length header is required")
+        if int(length) > guard.max_request_bytes:
+            return error_response(413, "too_large", f"request of {int(length):,} bytes exceeds the {guard.max_request_bytes:,} limit")
+    return await call_next(request)
+
+
+def _labels(text: str) -> tuple[str, ...]:
+    return tuple(label.strip() for label in text.split(",") if label.strip())
+
+
+def _hit_json(hit) -> dict:
+    record = asdict(hit)
+    image_ref = record.pop("image_ref")
+    record["labels"] = list(record["labels"])
+    record["image_url"] = f"/items/{quote(hit.id, safe='')}/image" if image_ref else None
+    return record
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        image_encoder: DeploymentHandle,
+        text_encoder: DeploymentHandle,
+        hasher: DeploymentHandle,
+        index: DeploymentHandle,
+        bits: tuple[int, ...],
+        cfg: ServeConfig,
+        token: str | None,
+    ):
+        self.image_encoder, self.text_encoder, self.hasher, self.index = image_encoder, text_encoder, hasher, index
+        self.bits, self.cfg = tuple(sorted(bits)), cfg
+        self.image_store = Path(cfg.image_store or cache_root() / "serve-images")
+        api.state.guard = Guard(token, cfg.max_request_bytes)
+
+    def _check(self, k: int, bits: int | None) -> int:
+        if k > self.cfg.max_k:
+            raise DataError(f"k={k} is more than the limit of {self.cfg.max_k}")
+        if bits is None:
+            return self.bits[-1]
+        if bits not in self.bits:
+            raise ConfigError(f"no {bits}-bit codes: this service has {', '.join(map(str, self.bits))}")
+        return bits
+
+    async def _search(self, v: np.ndarray, bits: int, k: int, direction: str, labels, view) -> dict:
+        with metrics.stage("hash"):
+            codes = await self.hasher.remote(v[None, :], bits)
+        with metrics.stage("search"):
+            hits = await self.index.search.remote(bits, codes, k, DIRECTIONS[direction], tuple(labels), view or None)
+        return {"bits": bits, "direction": direction, "results": [_hit_json(h) for h in hits[0]]}
+
+    async def _encode_image(self, upload: UploadFile) -> np.ndarray:
+        data = await upload.read()
+        with metrics.stage("encode_image"):
+            v, batch = await self.image_encoder.remote(data, upload.filename or "upload")
+        metrics.BATCH_SIZE.labels("image").observe(batch)
+        return v
+
+    async def _encode_text(self, text: str) -> np.ndarray:
+        with metrics.stage("encode_text"):
+            v, batch = await self.text_encoder.remote(text)
+        metrics.BATCH_SIZE.labels("text").observe(batch)
+        return v
+
+    @api.post("/search/image", summary="Search with an uploaded image (PNG, JPEG or DICOM)")
+    async def search_image(
+        self,
+        file: Annotated[UploadFile, File(description="the query image")],
+        k: Annotated[int, Form(ge=1)] = 10,
+        direction: Annotated[Direction, Form()] = "reports",
+        bits: Annotated[int | None, Form()] = None,
+        labels: Annotated[str, Form(description="comma-separated labels every result must carry")] = "",
+        view: Annotated[str | None, Form()] = None,
+    ) -> dict:
+        bits = self._check(k, bits)
+        return await self._search(await self._encode_image(file), bits, k, direction, _labels(labels), view)
+
+    @api.post("/search/text", summary="Search with report text")
+    async def search_text(self, query: TextSearch) -> dict:
+        bits = self._check(query.k, query.bits)
+        return await self._search(await self._encode_text(query.text), bits, query.k, query.direction, query.labels, query.view)
+
+    @api.post("/ingest", summary="Add or replace one item: an image and / or its report")
+    async def ingest(
+        self,
+        id: Annotated[str, Form(min_length=1, max_length=256)],
+        image: Annotated[UploadFile | None, File()] = None,
+        report: Annotated[str | None, Form()] = None,
+        patient_id: Annotated[str, Form(max_length=256)] = "",
+        study_id: Annotated[str, Form(max_length=256)] = "",
+        labels: Annotated[str, Form()] = "",
+        view: Annotated[str, Form(max_length=256)] = "",
+    ) -> dict:
+        from services.index import IndexRecord
+
+        if image is None and report is None:
+            raise DataError("ingest needs an image, a report or both")
+        vectors: dict[str, np.ndarray] = {}  # every input is encoded (and so validated) before anything is stored
+        image_data = b""
+        if image is not None:
+            image_data = await image.read()
+            await image.seek(0)
+            vectors["image"] = await self._encode_image(image)
+        if report is not None:
+            vectors["text"] = await self._encode_text(report)
+        image_ref = self._store_image(id, image_data) if image_data else ""
+        codes = {m: await self.hasher.all_bits.remote(v[None, :]) for m, v in vectors.items()}
+        with metrics.stage("insert"):
+            for bits in self.bits:
+                records = [
+                    IndexRecord(
+                        id=id, modality=m, code=codes[m][bits][0].tobytes(), patient_id=patient_id, study_id=study_id,
+                        labels=_labels(labels), view=view, snippet=(report or "")[:300], image_ref=image_ref,
+                    )
+                    for m in vectors
+                ]
+                await self.index.upsert.remote(bits, records)
+        return {"id": id, "modalities": sorted(vectors), "bits": list(self.bits)}
+
+    def _store_image(self, item_id: str, data: bytes) -> str:
+        """Keep an uploaded image (atomically) under the image store; its path is the record's image_ref."""
+        self.image_store.mkdir(parents=True, exist_ok=True)
+        path = self.image_store / hashlib.sha1(item_id.encode()).hexdigest()
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_bytes(data)
+        partial.replace(path)
+        return str(path)
+
+    async def _records(self, item_id: str) -> list:
+        hits = await self.index.get.remote(item_id)
+        if not hits:
+            raise HTTPException(404, f"no item with id {item_id!r}")
+        return hits
+
+    @api.get("/items/{item_id}", summary="One indexed item: its metadata and modalities")
+    async def item(self, item_id: str) -> dict:
+        hits = await self._records(item_id)
+        record = _hit_json(next((h for h in hits if h.image_ref), hits[0]))
+        record.pop("distance")
+        record["modalities"] = sorted({h.modality for h in hits})
+        record.pop("modality")
+        return record
+
+    @api.get("/items/{item_id}/image", summary="The item's image as PNG", response_class=Response)
+    async def item_image(self, item_id: str) -> Response:
+        from services.data.images import load_image
+
+        image_ref = next((h.image_ref for h in await self._records(item_id) if h.image_ref), "")
+        if not image_ref:
+            raise HTTPException(404, f"item {item_id!r} has no image")
+        image = await asyncio.to_thread(load_image, Path(image_ref))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    @api.get("/healthz", summary="Liveness and index size")
+    async def healthz(self) -> dict:
+        counts = {str(bits): await self.index.count.remote(bits) for bits in self.bits}
+        return {"status": "ok", "bits": list(self.bits), "records": counts}
+
+    @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
+    async def metrics_text(self) -> Response:
+        for bits in self.bits:
+            metrics.INDEX_SIZE.labels(str(bits)).set(await self.index.count.remote(bits))
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the application
+
+def is_server_uri(uri: str) -> bool:
+    """Whether ``uri`` names a Milvus server (replicas may share it) rather than a milvus-lite file."""
+    return "://" in uri
+
+
+def _options(res: DeploymentResources, cfg: ServeConfig, **extra) -> dict:
+    return {
+        "autoscaling_config": {
+            "min_replicas": res.min_replicas,
+            "max_replicas": max(res.max_replicas, res.min_replicas),
+            "target_ongoing_requests": res.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+        },
+        "ray_actor_options": {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+        **extra,
+    }
+
+
+def auth_token(cfg: ServeConfig) -> str | None:
+    """The bearer token the service requires, or None when auth is off; ConfigError if it is on but unset."""
+    required = cfg.require_auth if cfg.require_auth is not None else cfg.host not in LOCALHOSTS
+    if not required:
+        return None
+    token = os.environ.get(cfg.auth_token_env, "")
+    if not token:
+        raise ConfigError(f"auth is on (host {cfg.host}) but ${cfg.auth_token_env} is empty: set a token there")
+    return token
+
+
+def build_app(
+    run_path: Path | str,
+    milvus_uri: str | None = None,
+    settings: MedhashConfig | None = None,
+    deployment_options: dict[str, dict] | None = None,
+):
+    """The medhash application of a run directory.
+
+    ``settings`` supplies the ``serve`` and ``index`` sections (default: the run's own config);
+    ``milvus_uri`` overrides ``index.uri``; ``deployment_options`` overrides Serve options by
+    deployment name (ImageEncoder, TextEncoder, Hasher, Index, Ingress), as a Serve config does.
+    """
+    from services.index import resolve_uri
+
+    run = RunDir(Path(run_path).resolve())
+    run_cfg = run.config()
+    settings = settings or run_cfg
+    cfg = settings.serve
+    uri = milvus_uri or resolve_uri(settings.index)
+    bits = tuple(sorted(run_cfg.lsch.bits))
+    overrides = deployment_options or {}
+    path = str(run.path)
+
+    def configured(deployment, options: dict):
+        return deployment.options(**{**options, **overrides.get(deployment.name, {})})
+
+    index_options = (
+        _options(cfg.index, cfg) if is_server_uri(uri)
+        else {"num_replicas": 1, "ray_actor_options": {"num_cpus": cfg.index.num_cpus}}
+    )
+    return configured(Ingress, _options(cfg.ingress, cfg)).bind(
+        configured(ImageEncoder, _options(cfg.image_encoder, cfg, max_ongoing_requests=4 * cfg.image_batch_size)).bind(path, cfg),
+        configured(TextEncoder, _options(cfg.text_encoder, cfg, max_ongoing_requests=4 * cfg.text_batch_size)).bind(path, cfg),
+        configured(HasherDeployment, _options(cfg.hasher, cfg)).bind(path, cfg),
+        configured(IndexDeployment, index_options).bind(uri, bits, os.environ.get(settings.index.token_env) or None),
+        bits,
+        cfg,
+        auth_token(cfg),
+    )
+
+
+def app_builder(args: dict):
+    """``import_path`` target of a Serve config: args ``run`` (required), ``milvus_uri``, ``config`` (a medhash YAML)."""
+    unknown = set(args) - {"run", "milvus_uri", "config"}
+    if unknown or "run" not in args:
+        raise ConfigError(f"serve config args: need 'run', may have 'milvus_uri' and 'config'; got {sorted(args)}")
+    settings = load_config(args["config"]) if args.get("config") else None
+    return build_app(args["run"], args.get("milvus_uri"), settings)

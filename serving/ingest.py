@@ -1,0 +1,49 @@
+"""Bulk ingestion (`medhash index`): a dataset's cached features -> the run's model -> codes -> index upsert.
+
+Both modalities of every item at every trained code length; records are keyed by (id, modality),
+so running it again replaces rather than duplicates. Items whose image or report cannot be read
+are reported by the feature extraction and left out; the rest are indexed.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from serving.pipeline import Hasher
+from services.data.item import Dataset
+from services.lsch.pipeline import embed, load_trained
+from services.run_dir import RunDir
+
+SNIPPET_CHARS = 300
+
+
+def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, progress: bool = True) -> int:
+    """Upsert every item of ``dataset`` into ``index`` (a services.index.CodeIndex); returns the items indexed."""
+    from services.featureset import build_featureset
+    from services.index import IndexRecord
+
+    cfg, model = load_trained(run)
+    feature_cfg = cfg.model_copy(update={
+        "lsch": cfg.lsch.model_copy(update={"use_augmentation": False}),  # only image and report features
+        "train": cfg.train.model_copy(update={"limit_items": None}),  # the dataset as given
+    })
+    features = build_featureset(feature_cfg, dataset, progress=progress)
+    items = {item.id: item for item in dataset.items}
+    hasher = Hasher(model)
+    with tqdm(total=len(features), unit="item", desc=f"index {dataset.name}", disable=not progress) as bar:
+        for start in range(0, len(features), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(features)))
+            v = embed(model, features.image[rows], features.text[rows])
+            for bits in hasher.bits:
+                records = [
+                    IndexRecord(
+                        id=item.id, modality=modality, code=code.tobytes(), patient_id=item.patient_id,
+                        study_id=item.id, labels=tuple(item.labels), view=item.view,
+                        snippet=item.report[:SNIPPET_CHARS], image_ref=str(item.image_paths[0]),
+                    )
+                    for modality in ("image", "text")
+                    for item, code in zip((items[i] for i in features.ids[rows]), hasher(v[modality], bits))
+                ]
+                index.upsert(bits, records)
+            bar.update(len(rows))
+    return len(features)

@@ -1,0 +1,115 @@
+"""The query path in one process: image bytes / report text -> v -> packed binary codes.
+
+The Serve deployments wrap these classes one each (ImageEncoder, TextEncoder, Hasher); tests,
+benchmarks and bulk ingestion call them directly, so every path runs the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from services.codes import pack_codes
+from services.config import MedhashConfig
+from services.data.images import MAX_PIXELS, decode_image
+from services.errors import ConfigError, DataError
+from services.lsch.model import LSCHModel
+from services.lsch.pipeline import load_trained
+from services.run_dir import RunDir
+
+
+class ImageEmbedder:
+    """Image bytes -> v^x: decode, the run's image backbone, the LSCH image branch."""
+
+    def __init__(self, cfg: MedhashConfig, model: LSCHModel, max_pixels: int = MAX_PIXELS):
+        from services.encoders.image import build_image_encoder
+
+        self.encoder = build_image_encoder(cfg.image_backbone).eval()
+        self.model = model
+        self.max_pixels = max_pixels
+
+    def preprocess(self, data: bytes, name: str) -> Tensor:
+        """One image as the backbone's input tensor; DataError for anything that is not a usable image."""
+        image = decode_image(data, name, dicom=name.lower().endswith((".dcm", ".dicom")), max_pixels=self.max_pixels)
+        return self.encoder.preprocess(image)
+
+    @torch.inference_mode()
+    def embed(self, pixels: list[Tensor]) -> np.ndarray:
+        """v^x [B, d] of preprocessed images."""
+        return self.model.embed_image(self.encoder(torch.stack(pixels))).numpy().astype(np.float32)
+
+    def __call__(self, images: list[bytes], names: list[str] | None = None) -> np.ndarray:
+        names = names or [f"image {i}" for i in range(len(images))]
+        return self.embed([self.preprocess(data, name) for data, name in zip(images, names)])
+
+
+class TextEmbedder:
+    """Report text -> v^y: the run's text encoder, the LSCH text branch."""
+
+    def __init__(self, cfg: MedhashConfig, model: LSCHModel, max_chars: int = 20_000):
+        from services.encoders.text import build_text_encoder
+
+        self.encoder = build_text_encoder(cfg.text_backbone).eval()
+        self.model = model
+        self.max_chars = max_chars
+
+    def check(self, text: object) -> str:
+        """The text itself, or a DataError when it is not a non-empty string within the size limit."""
+        if not isinstance(text, str):
+            raise DataError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise DataError("text is empty: nothing to encode")
+        if len(text) > self.max_chars:
+            raise DataError(f"text has {len(text):,} characters, more than the {self.max_chars:,} limit")
+        return text
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """v^y [B, d] of checked texts."""
+        return self.model.embed_text(self.encoder.encode(texts)).numpy().astype(np.float32)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.embed([self.check(text) for text in texts])
+
+
+class Hasher:
+    """v -> packed codes (np.packbits rows) through the run's GBRBM heads, one per code length."""
+
+    def __init__(self, model: LSCHModel):
+        self.model = model
+        self.bits = tuple(sorted(model.bits))
+
+    def check_bits(self, bits: int | None) -> int:
+        """``bits``, or the longest trained code length when None; ConfigError for an untrained one."""
+        if bits is None:
+            return self.bits[-1]
+        if bits not in self.bits:
+            raise ConfigError(f"no {bits}-bit codes: this run has {', '.join(map(str, self.bits))}")
+        return bits
+
+    @torch.inference_mode()
+    def __call__(self, v: np.ndarray, bits: int) -> np.ndarray:
+        codes = self.model.codes(torch.from_numpy(np.asarray(v, dtype=np.float32)), self.check_bits(bits))
+        return pack_codes(codes.numpy().astype(np.uint8))
+
+
+@dataclass
+class Pipeline:
+    """The whole query path of one run directory."""
+
+    image: ImageEmbedder
+    text: TextEmbedder
+    hasher: Hasher
+
+    @classmethod
+    def load(cls, run: RunDir, max_image_pixels: int = MAX_PIXELS, max_text_chars: int = 20_000) -> "Pipeline":
+        cfg, model = load_trained(run)
+        return cls(ImageEmbedder(cfg, model, max_image_pixels), TextEmbedder(cfg, model, max_text_chars), Hasher(model))
+
+    def image_codes(self, images: list[bytes], bits: int | None = None) -> np.ndarray:
+        return self.hasher(self.image(images), self.hasher.check_bits(bits))
+
+    def text_codes(self, texts: list[str], bits: int | None = None) -> np.ndarray:
+        return self.hasher(self.text(texts), self.hasher.check_bits(bits))
