@@ -60,3 +60,30 @@ def evaluate(
         if name in directions and name in CROSS_MODAL
     }
     return results
+
+
+def reference_maps(
+    query_labels: np.ndarray, db_labels: np.ndarray, train_labels: np.ndarray, label_names: Sequence[str], seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Floors that need no model, per label protocol (MAP@all of the cross-modal directions):
+
+    - ``random``: a random ranking (the mean of 5 draws), what random codes score on average;
+    - ``label_prior``: one list for every query, database items whose labels are most frequent in
+      the training split first (on a dataset dominated by one label this is a high floor).
+    """
+    rng = np.random.default_rng(seed)
+    frequency = train_labels.sum(axis=0)
+    prior_score = (db_labels * frequency[None, :]).max(axis=1).astype(np.float64)
+    prior_dist = np.broadcast_to(-prior_score, (len(query_labels), len(db_labels)))
+    floors = {}
+    for protocol in label_protocols(label_names):
+        relevant = protocol_relevance(protocol, query_labels, db_labels, label_names)
+        randoms = [
+            retrieval_metrics(rng.random((len(query_labels), len(db_labels))), relevant, ks=(1,))["map@all"]
+            for _ in range(5)
+        ]
+        floors[protocol] = {
+            "random": float(np.mean(randoms)),
+            "label_prior": retrieval_metrics(prior_dist, relevant, ks=(1,))["map@all"],
+        }
+    return floors

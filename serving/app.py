@@ -452,17 +452,20 @@ def build_app(
     path = str(run.path)
 
     def configured(deployment, options: dict):
-        return deployment.options(**{**options, **overrides.get(deployment.name, {})})
+        override = overrides.get(deployment.name, {})
+        merged = {**options, **override}
+        if "num_replicas" in override:
+            merged.pop("autoscaling_config", None)
+        if deployment is IndexDeployment and not is_server_uri(uri):  # one process per milvus-lite file
+            merged.pop("autoscaling_config", None)
+            merged["num_replicas"] = 1
+        return deployment.options(**merged)
 
-    index_options = (
-        _options(cfg.index, cfg) if is_server_uri(uri)
-        else {"num_replicas": 1, "ray_actor_options": {"num_cpus": cfg.index.num_cpus}}
-    )
     return configured(Ingress, _options(cfg.ingress, cfg)).bind(
         configured(ImageEncoder, _options(cfg.image_encoder, cfg, max_ongoing_requests=4 * cfg.image_batch_size)).bind(path, cfg),
         configured(TextEncoder, _options(cfg.text_encoder, cfg, max_ongoing_requests=4 * cfg.text_batch_size)).bind(path, cfg),
         configured(HasherDeployment, _options(cfg.hasher, cfg)).bind(path, cfg),
-        configured(IndexDeployment, index_options).bind(uri, bits, os.environ.get(settings.index.token_env) or None),
+        configured(IndexDeployment, _options(cfg.index, cfg)).bind(uri, bits, os.environ.get(settings.index.token_env) or None),
         bits,
         cfg,
         auth_token(cfg),

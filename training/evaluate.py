@@ -14,7 +14,7 @@ import numpy as np
 
 from services.codes import hamming_distances, save_codes_npz
 from services.errors import ConfigError
-from services.evaluation import evaluate
+from services.evaluation import evaluate, reference_maps
 from services.featureset import FeatureSet, build_featureset
 from services.lsch.pipeline import embed, hash_codes, load_trained
 from services.metrics import pr_curve_by_radius, protocol_relevance
@@ -50,6 +50,9 @@ def evaluate_run(
         "dataset": features.dataset,
         "queries": int(len(query)),
         "database": int(len(db)),
+        "references": reference_maps(
+            features.labels[query], features.labels[db], features.labels[features.rows("train")], features.label_names
+        ),
         "float": evaluate("cosine", v_query, v_db, **labels, query_groups=features.groups[query]),
         "bits": {},
     }
@@ -78,9 +81,14 @@ def results_table(results: dict) -> str:
         cells = [f"{r[p][d]['map@all']:.3f}" for p in protocols for d in ("i2t", "t2i")]
         cells += [f"{r['pair'][d].get('recall@10', float('nan')):.3f}" for d in ("i2t", "t2i")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    floors = "; ".join(
+        f"{p}: random {r['random']:.3f}, one-list label prior {r['label_prior']:.3f}"
+        for p, r in results["references"].items()
+    )
     return (
         f"{results['dataset']}: {results['queries']} queries, {results['database']} database items; "
-        "MAP@all by Hamming ranking (ties by database index)\n\n" + "\n".join(lines) + "\n"
+        "MAP@all by Hamming ranking (ties by database index)\n\n" + "\n".join(lines)
+        + f"\n\nReference floors (no model): {floors}\n"
     )
 
 
