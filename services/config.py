@@ -165,6 +165,16 @@ class ServeConfig(Section):
     image_store: Path | None = None  # uploaded images; None: <medhash cache>/serve-images
 
 
+class IndexConfig(Section):
+    """The Milvus index of binary codes: a milvus-lite file (one process) or a Milvus server (scales out)."""
+
+    uri: str | None = None  # None: <MEDHASH_CACHE>/index/medhash.db; a server: "http://host:19530"
+    collection_prefix: str = Field("medhash", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # collections <prefix>_<bits>
+    token_env: str = "MEDHASH_MILVUS_TOKEN"  # environment variable holding a server's token ("user:password")
+    ivf_nlist: int = Field(1024, ge=1, le=65536)  # BIN_IVF_FLAT clusters (server only; milvus-lite scans BIN_FLAT)
+    nprobe: int = Field(16, ge=1, le=65536)  # clusters searched per query (server only)
+
+
 class MedhashConfig(Section):
     """The whole configuration."""
 
@@ -175,6 +185,7 @@ class MedhashConfig(Section):
     lsch: LSCHConfig = LSCHConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()
 
 

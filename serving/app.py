@@ -1,5 +1,7 @@
 """The Ray Serve application: encoder, hasher and index deployments behind a FastAPI ingress.
 
+(No `from __future__ import annotations` here: Serve rebuilds the route signatures and needs real types.)
+
     Ingress (FastAPI)  --->  ImageEncoder  image bytes -> v^x   (@serve.batch, autoscaled)
                        --->  TextEncoder   text -> v^y          (@serve.batch, autoscaled)
                        --->  Hasher        v -> packed codes    (autoscaled)
@@ -11,7 +13,6 @@ Errors are JSON ``{"error": "..."}`` with a 4xx status; a bad request never touc
 :func:`build_app` builds the application from a run directory; :func:`app_builder` is the
 ``import_path`` of a Serve config file (deploy/serve.yaml).
 """
-from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -33,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 
 from serving import metrics
 from services.config import DeploymentResources, MedhashConfig, ServeConfig, cache_root, load_config
@@ -199,21 +199,15 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-def route_template(scope: dict) -> str:
-    """The matched route's path template (never the concrete path: ids stay out of metric labels)."""
-    for route in api.router.routes:
-        if route.matches(scope)[0] == Match.FULL:
-            return route.path
-    return "unmatched"
-
-
 @api.middleware("http")
 async def _guard_and_count(request: Request, call_next):
-    route, started = route_template(request.scope), time.perf_counter()
+    started = time.perf_counter()
     try:
         response = await _guarded(request, call_next)
     except Exception:
         response = error_response(500, "internal", "internal error; see the replica log")
+    # the matched route's template, never the concrete path: ids stay out of metric labels
+    route = getattr(request.scope.get("route"), "path", "unrouted")
     metrics.REQUESTS.labels(route, str(response.status_code)).inc()
     metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
     return response
@@ -417,6 +411,13 @@ def _options(res: DeploymentResources, cfg: ServeConfig, **extra) -> dict:
     }
 
 
+def index_target(settings: MedhashConfig, milvus_uri: str | None = None) -> tuple[str, str | None]:
+    """(Milvus URI, Milvus token or None) of the ``index`` section; ``milvus_uri`` overrides the URI."""
+    from services.index import resolve_uri
+
+    return milvus_uri or resolve_uri(settings.index), os.environ.get(settings.index.token_env) or None
+
+
 def auth_token(cfg: ServeConfig) -> str | None:
     """The bearer token the service requires, or None when auth is off; ConfigError if it is on but unset."""
     required = cfg.require_auth if cfg.require_auth is not None else cfg.host not in LOCALHOSTS
@@ -440,13 +441,11 @@ def build_app(
     ``milvus_uri`` overrides ``index.uri``; ``deployment_options`` overrides Serve options by
     deployment name (ImageEncoder, TextEncoder, Hasher, Index, Ingress), as a Serve config does.
     """
-    from services.index import resolve_uri
-
     run = RunDir(Path(run_path).resolve())
     run_cfg = run.config()
     settings = settings or run_cfg
     cfg = settings.serve
-    uri = milvus_uri or resolve_uri(settings.index)
+    uri, index_token = index_target(settings, milvus_uri)
     bits = tuple(sorted(run_cfg.lsch.bits))
     overrides = deployment_options or {}
     path = str(run.path)
@@ -465,7 +464,7 @@ def build_app(
         configured(ImageEncoder, _options(cfg.image_encoder, cfg, max_ongoing_requests=4 * cfg.image_batch_size)).bind(path, cfg),
         configured(TextEncoder, _options(cfg.text_encoder, cfg, max_ongoing_requests=4 * cfg.text_batch_size)).bind(path, cfg),
         configured(HasherDeployment, _options(cfg.hasher, cfg)).bind(path, cfg),
-        configured(IndexDeployment, _options(cfg.index, cfg)).bind(uri, bits, os.environ.get(settings.index.token_env) or None),
+        configured(IndexDeployment, _options(cfg.index, cfg)).bind(uri, bits, index_token),
         bits,
         cfg,
         auth_token(cfg),

@@ -81,7 +81,8 @@ def run_index(args: argparse.Namespace) -> int:
 
     from serving.ingest import ingest_dataset
     from services.data import open_dataset
-    from services.index import CodeIndex, resolve_uri
+    from serving.app import index_target
+    from services.index import CodeIndex
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
@@ -94,8 +95,8 @@ def run_index(args: argparse.Namespace) -> int:
     dataset = open_dataset(data_cfg)
     if args.limit:
         dataset = replace(dataset, items=dataset.items[: args.limit])
-    index = CodeIndex(args.milvus_uri or resolve_uri(settings.index), tuple(run_cfg.lsch.bits),
-                      token=os.environ.get(settings.index.token_env) or None)
+    uri, token = index_target(settings, args.milvus_uri)
+    index = CodeIndex(uri, tuple(run_cfg.lsch.bits), token=token)
     try:
         indexed = ingest_dataset(run, index, dataset)
         counts = ", ".join(f"{bits}-bit: {index.count(bits):,}" for bits in sorted(run_cfg.lsch.bits))

@@ -1,7 +1,8 @@
 """Bulk ingestion (`medhash index`): a dataset's cached features -> the run's model -> codes -> index upsert.
 
 Both modalities of every item at every trained code length; records are keyed by (id, modality),
-so running it again replaces rather than duplicates. Items whose image or report cannot be read
+so running it again replaces rather than duplicates. A dataset item is one study (a report and its
+images), so its id is also the record's study id. Items whose image or report cannot be read
 are reported by the feature extraction and left out; the rest are indexed.
 """
 from __future__ import annotations
@@ -10,24 +11,29 @@ import numpy as np
 from tqdm import tqdm
 
 from serving.pipeline import Hasher
+from services.config import MedhashConfig
 from services.data.item import Dataset
+from services.featureset import FeatureSet, build_featureset
 from services.lsch.pipeline import embed, load_trained
 from services.run_dir import RunDir
 
 SNIPPET_CHARS = 300
 
 
+def index_features(cfg: MedhashConfig, dataset: Dataset, progress: bool = True) -> FeatureSet:
+    """Image and report features of every item of ``dataset`` with the run's backbones (from the cache)."""
+    return build_featureset(cfg.model_copy(update={
+        "lsch": cfg.lsch.model_copy(update={"use_augmentation": False}),  # views are not indexed
+        "train": cfg.train.model_copy(update={"limit_items": None}),  # the dataset as given
+    }), dataset, progress=progress)
+
+
 def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, progress: bool = True) -> int:
     """Upsert every item of ``dataset`` into ``index`` (a services.index.CodeIndex); returns the items indexed."""
-    from services.featureset import build_featureset
     from services.index import IndexRecord
 
     cfg, model = load_trained(run)
-    feature_cfg = cfg.model_copy(update={
-        "lsch": cfg.lsch.model_copy(update={"use_augmentation": False}),  # only image and report features
-        "train": cfg.train.model_copy(update={"limit_items": None}),  # the dataset as given
-    })
-    features = build_featureset(feature_cfg, dataset, progress=progress)
+    features = index_features(cfg, dataset, progress)
     items = {item.id: item for item in dataset.items}
     hasher = Hasher(model)
     with tqdm(total=len(features), unit="item", desc=f"index {dataset.name}", disable=not progress) as bar:

@@ -75,7 +75,7 @@ def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_featur
     for name in ("config.yaml", "model.safetensors", "labels.json", "history.json", "loss.png", "meta.json"):
         assert (tmp_path / "run" / name).is_file(), name
     meta = run.meta()
-    assert meta["items"] == {"train": 60, "dev": 60, "query": 60}
+    assert meta["items"] == {"train": 100, "dev": 100, "query": 100}
     assert len(meta["git_commit"]) in (40, len("unknown"))
 
     results = evaluate_run(tmp_path / "run", tmp_path / "eval", features=tiny_features)
@@ -90,7 +90,7 @@ def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_featur
     dist = hamming_distances(saved["query_img"], saved["db_txt"])
     recomputed = retrieval_metrics(dist, label_relevance(saved["query_labels"], saved["db_labels"]))
     assert recomputed["map@all"] == pytest.approx(results["bits"]["32"]["labels"]["i2t"]["map@all"])
-    assert json.loads((tmp_path / "eval" / "results.json").read_text())["queries"] == 60
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["queries"] == 100
 
 
 @pytest.mark.real
@@ -142,7 +142,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_feat
     assert meta["resumed_at_epochs"], "the run did not restart from a checkpoint"
     history = json.loads((run_path / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(len(history)))  # every epoch once, in order
-    assert len(history) == 2 + 1 + 6
+    assert len(history) == 3 + 1 + 6
 
 
 @pytest.mark.real
@@ -167,4 +167,4 @@ def test_an_interrupted_run_resumes_when_started_again(shared_data, tiny_feature
     assert second.returncode == 0, second.stderr[-2000:]
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["resumed_at_epochs"] and meta["resumed_at_epochs"][0] >= 2
-    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 2 + 1 + 8
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 3 + 1 + 8

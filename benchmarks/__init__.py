@@ -1,0 +1,1 @@
+"""Speed benchmarks, run through `medhash bench`."""

@@ -1,0 +1,16 @@
+"""`medhash bench`: the speed benchmarks, one subcommand each.
+
+Each benchmark module has a ``register(commands)`` that adds its subcommand to the ``bench`` group;
+add a new benchmark by calling its ``register`` below.
+"""
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import index_speed
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="speed benchmarks (ratios measured in one run)")
+    commands = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    index_speed.register(commands)

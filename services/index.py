@@ -1,0 +1,273 @@
+"""The Milvus index of packed binary codes: upsert, Hamming top-k search with filters, get, delete.
+
+One collection per code length (``<prefix>_<bits>``), a ``BINARY_VECTOR`` of that many bits plus the
+item's metadata; the primary key is ``"<modality>:<id>"``, so re-upserting an item replaces it.
+A ``.db`` path opens a milvus-lite file (exact ``BIN_FLAT`` scan; one process per file); an
+``http(s)://`` or ``tcp://`` URI opens a Milvus server (``BIN_IVF_FLAT``; replicas scale out).
+
+Ties: Milvus orders equal Hamming distances by no documented rule (milvus-lite was seen to return
+them in insertion order), and when several items tie at the k-th distance, which of them make the
+top k is Milvus's choice. :meth:`CodeIndex.search` sorts the hits it gets by (distance, id).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.config import IndexConfig, cache_root
+from services.errors import ConfigError, DataError
+
+MODALITIES = ("image", "text")
+MAX_TOP_K = 16384  # Milvus's limit on k
+_SERVER_SCHEMES = ("http://", "https://", "tcp://")
+_MAX_BYTES = {"pk": 520, "id": 512, "modality": 8, "patient_id": 256, "study_id": 256, "labels": 8192,
+              "view": 64, "snippet": 2048, "image_ref": 2048}  # VARCHAR max_length of each field
+_OUTPUT_FIELDS = ["id", "modality", "patient_id", "study_id", "labels", "view", "snippet", "image_ref"]
+_UPSERT_BATCH = 10_000  # rows per Milvus call
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """One item's code in one modality, with the metadata a search hit shows."""
+
+    id: str  # item id
+    modality: str  # "image" | "text"
+    code: bytes  # packed code (np.packbits, big-endian), len == bits // 8
+    patient_id: str = ""
+    study_id: str = ""
+    labels: tuple[str, ...] = ()
+    view: str = ""
+    snippet: str = ""  # report text snippet (text records) or caption; truncated to 2,048 bytes
+    image_ref: str = ""  # path or URL of the image (image records)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result (``distance`` is the Hamming distance; 0 from :meth:`CodeIndex.get`)."""
+
+    id: str
+    modality: str
+    distance: int
+    patient_id: str
+    study_id: str
+    labels: tuple[str, ...]
+    view: str
+    snippet: str
+    image_ref: str
+
+
+def resolve_uri(cfg: IndexConfig) -> str:
+    """The ``index`` section's URI; unset means the milvus-lite file ``<MEDHASH_CACHE>/index/medhash.db``."""
+    return cfg.uri or str(cache_root() / "index" / "medhash.db")
+
+
+def open_index(cfg: IndexConfig, bits: Iterable[int], token: str | None = None) -> CodeIndex:
+    """A :class:`CodeIndex` as the ``index`` section describes it (token: argument, else ``cfg.token_env``)."""
+    return CodeIndex(resolve_uri(cfg), bits, prefix=cfg.collection_prefix,
+                     token=token or os.environ.get(cfg.token_env) or None, ivf_nlist=cfg.ivf_nlist, nprobe=cfg.nprobe)
+
+
+class CodeIndex:
+    """Binary codes of several lengths in Milvus, searched by Hamming distance."""
+
+    def __init__(self, uri: str, bits: Iterable[int], prefix: str = "medhash", token: str | None = None,
+                 *, ivf_nlist: int = IndexConfig().ivf_nlist, nprobe: int = IndexConfig().nprobe):
+        self._bits = tuple(dict.fromkeys(int(b) for b in bits))
+        if not self._bits:
+            raise ConfigError("index: no code lengths given")
+        for b in self._bits:
+            if b <= 0 or b % 8 or b > 32768:
+                raise ConfigError(f"index: code length {b} is not a positive multiple of 8 (at most 32768)")
+        self.uri, self.prefix = uri, prefix
+        self.is_server = uri.startswith(_SERVER_SCHEMES)
+        self._search_params = {"metric_type": "HAMMING", "params": {"nprobe": nprobe} if self.is_server else {}}
+        self._client = _connect(uri, token)
+        for b in self._bits:
+            self._ensure_collection(b, ivf_nlist)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def upsert(self, bits: int, records: Sequence[IndexRecord]) -> int:
+        """Insert or replace ``records`` in the ``bits`` collection; returns how many were written.
+
+        Every record is checked first: one bad record raises DataError naming it, and nothing is written.
+        A record repeated in ``records`` counts once (the last one wins).
+        """
+        name = self._collection(bits)
+        rows = {}
+        for record in records:
+            row = _row(record, bits)
+            rows[row["pk"]] = row
+        rows = list(rows.values())
+        for start in range(0, len(rows), _UPSERT_BATCH):
+            self._client.upsert(name, rows[start : start + _UPSERT_BATCH])
+        return len(rows)
+
+    def delete(self, item_ids: Sequence[str]) -> None:
+        """Remove both modalities' records of ``item_ids`` from every collection (unknown ids are ignored)."""
+        keys = [f"{modality}:{item_id}" for item_id in item_ids for modality in MODALITIES]
+        if not keys:
+            return
+        for b in self._bits:
+            self._client.delete(self._collection(b), filter=f"pk in [{', '.join(map(_literal, keys))}]")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def search(self, bits: int, codes: np.ndarray, k: int, modality: str | None = None,
+               labels: Sequence[str] = (), view: str | None = None) -> list[list[Hit]]:
+        """The ``k`` nearest codes by Hamming distance for each packed query code (uint8 ``[Q, bits//8]``).
+
+        Filters: ``modality`` ("image" / "text"), ``labels`` (an item must carry all of them), ``view``;
+        None or empty means no filter.
+        Each query's hits are sorted by (distance, id); see the module docstring on ties.
+        """
+        name = self._collection(bits)
+        codes = np.asarray(codes)
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != bits // 8:
+            raise DataError(f"query codes for the {bits}-bit index must be packed uint8 of shape (Q, {bits // 8}), "
+                            f"got {codes.dtype} {codes.shape}")
+        if not 1 <= k <= MAX_TOP_K:
+            raise DataError(f"k must be between 1 and {MAX_TOP_K}, got {k}")
+        if modality is not None and modality not in MODALITIES:
+            raise DataError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+        for value in (*labels, *([view] if view else [])):
+            if not _is_filter_value(value):
+                raise DataError(f"filter value {value!r} is empty or contains '|' or control characters")
+        if len(codes) == 0:
+            return []
+        clauses = [f"modality == {_literal(modality)}"] if modality else []
+        clauses += [f"labels like {_literal('%|' + _like_escape(label) + '|%')}" for label in labels]
+        clauses += [f"view == {_literal(view)}"] if view else []
+        results = self._client.search(
+            name, data=[row.tobytes() for row in codes], anns_field="code", limit=k,
+            search_params=self._search_params, output_fields=_OUTPUT_FIELDS, filter=" and ".join(clauses),
+        )
+        return [sorted((_hit(h["entity"], h["distance"]) for h in hits), key=lambda h: (h.distance, h.id))
+                for hits in results]
+
+    def get(self, item_id: str) -> list[Hit]:
+        """Both modalities' records of an item (those indexed), image first, with distance 0.
+
+        The metadata comes from the first code length (in the order given) that holds the record.
+        """
+        keys = ", ".join(_literal(f"{modality}:{item_id}") for modality in MODALITIES)
+        found: dict[str, Hit] = {}
+        for b in self._bits:
+            for row in self._client.query(self._collection(b), filter=f"pk in [{keys}]", output_fields=_OUTPUT_FIELDS):
+                found.setdefault(row["modality"], _hit(row, 0))
+        return [found[m] for m in MODALITIES if m in found]
+
+    def count(self, bits: int) -> int:
+        """Number of records (both modalities) in the ``bits`` collection."""
+        rows = self._client.query(self._collection(bits), filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def close(self) -> None:
+        """Release the connection (and, for milvus-lite, the file)."""
+        self._client.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _collection(self, bits: int) -> str:
+        if bits not in self._bits:
+            raise ConfigError(f"index has no {bits}-bit collection (code lengths: {', '.join(map(str, self._bits))})")
+        return f"{self.prefix}_{bits}"
+
+    def _ensure_collection(self, bits: int, ivf_nlist: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        name = self._collection(bits)
+        if self._client.has_collection(name):
+            self._client.load_collection(name)
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=_MAX_BYTES["pk"])
+        schema.add_field("code", DataType.BINARY_VECTOR, dim=bits)
+        for field in _OUTPUT_FIELDS:
+            schema.add_field(field, DataType.VARCHAR, max_length=_MAX_BYTES[field])
+        index_params = MilvusClient.prepare_index_params()
+        if self.is_server:
+            index_params.add_index("code", index_type="BIN_IVF_FLAT", metric_type="HAMMING", params={"nlist": ivf_nlist})
+        else:
+            index_params.add_index("code", index_type="BIN_FLAT", metric_type="HAMMING")
+        self._client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
+
+
+def _connect(uri: str, token: str | None):
+    """A MilvusClient for ``uri``; a milvus-lite file gets its folder created."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    if not uri.startswith(_SERVER_SCHEMES):
+        if "://" in uri:
+            raise ConfigError(f"index uri {uri!r}: expected a milvus-lite file (*.db) or http://, https://, tcp://")
+        if not uri.endswith(".db"):
+            raise ConfigError(f"index uri {uri!r}: a milvus-lite file name must end in .db")
+        Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        uri = str(Path(uri).expanduser().resolve())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # milvus-lite's pkg_resources deprecation notice
+            return MilvusClient(uri=uri, token=token or "")
+    except MilvusException as exc:
+        if exc.message == "Open local milvus failed":
+            raise ConfigError(f"another process owns {uri}; only one process may open a milvus-lite file "
+                              f"— use a Milvus server URI to scale out") from exc
+        raise ConfigError(f"cannot open the Milvus index at {uri}: {exc.message}") from exc
+
+
+def _row(record: IndexRecord, bits: int) -> dict:
+    """The Milvus row of a record, or DataError naming the record and its problem."""
+    where = f"index record {record.modality}:{record.id}"
+    if not record.id:
+        raise DataError(f"{where}: empty item id")
+    if record.modality not in MODALITIES:
+        raise DataError(f"{where}: modality must be one of {', '.join(MODALITIES)}")
+    if not isinstance(record.code, bytes) or len(record.code) != bits // 8:
+        size = len(record.code) if isinstance(record.code, (bytes, bytearray)) else type(record.code).__name__
+        raise DataError(f"{where}: a {bits}-bit code is {bits // 8} packed bytes, got {size}")
+    bad = [label for label in record.labels if not _is_filter_value(label)]
+    if bad:
+        raise DataError(f"{where}: label {bad[0]!r} is empty or contains '|' or control characters")
+    row = {
+        "pk": f"{record.modality}:{record.id}", "code": record.code, "id": record.id, "modality": record.modality,
+        "patient_id": record.patient_id, "study_id": record.study_id,
+        "labels": f"|{'|'.join(record.labels)}|" if record.labels else "", "view": record.view,
+        "snippet": _truncate(record.snippet, _MAX_BYTES["snippet"]), "image_ref": record.image_ref,
+    }
+    for field, value in row.items():
+        if field != "code" and len(value.encode("utf-8")) > _MAX_BYTES[field]:
+            raise DataError(f"{where}: {field} is longer than {_MAX_BYTES[field]} bytes")
+    return row
+
+
+def _hit(entity: dict, distance: float) -> Hit:
+    labels = tuple(label for label in entity["labels"].split("|") if label)
+    return Hit(id=entity["id"], modality=entity["modality"], distance=int(round(distance)),
+               patient_id=entity["patient_id"], study_id=entity["study_id"], labels=labels, view=entity["view"],
+               snippet=entity["snippet"], image_ref=entity["image_ref"])
+
+
+def _is_filter_value(text: str) -> bool:
+    """Whether a label or view can be stored and matched exactly by a filter."""
+    return bool(text) and "|" not in text and text.isprintable()
+
+
+def _truncate(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _like_escape(text: str) -> str:
+    """``text`` matched literally by a Milvus ``like`` pattern (``%`` and ``_`` are wildcards)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _literal(text: str) -> str:
+    """A Milvus filter string literal (a malformed one can hang milvus-lite, so escape everything)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

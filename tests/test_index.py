@@ -1,0 +1,174 @@
+"""CodeIndex on a real milvus-lite file: exact Hamming top-k, idempotent upsert, durability, filters."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from services.codes import hamming_distances
+from services.config import IndexConfig
+from services.errors import ConfigError, DataError
+from services.index import CodeIndex, IndexRecord, resolve_uri
+
+BITS = (16, 64, 128)
+N_CODES, N_QUERIES, K = 2000, 20, 10
+
+
+def random_codes(n: int, bits: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, bits // 8), dtype=np.uint8)
+
+
+def records(codes: np.ndarray, modality: str = "image") -> list[IndexRecord]:
+    return [
+        IndexRecord(id=f"item{i}", modality=modality, code=code.tobytes(), patient_id=f"p{i % 7}",
+                    labels=("location:Head_Neck",) if i % 3 == 0 else ("topic:a", "finding:COVID-19"),
+                    view="PA" if i % 2 else "AP", snippet=f"report {i}", image_ref=f"/img/{i}.png")
+        for i, code in enumerate(codes)
+    ]
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    """A milvus-lite file with N_CODES random image codes at each bit length, and those codes."""
+    path = tmp_path_factory.mktemp("index") / "codes.db"
+    index = CodeIndex(str(path), BITS)
+    database = {bits: random_codes(N_CODES, bits, seed=bits) for bits in BITS}
+    for bits, codes in database.items():
+        assert index.upsert(bits, records(codes)) == N_CODES
+    yield index, path, database
+    index.close()
+
+
+def assert_matches_brute_force(hits: list, queries: np.ndarray, database: np.ndarray, k: int) -> None:
+    """Same distance multiset as numpy's ranking, and the same ids strictly inside the k-th distance."""
+    distances = hamming_distances(queries, database)
+    for q, row in enumerate(hits):
+        expected = np.sort(distances[q])[:k]
+        assert [h.distance for h in row] == sorted(h.distance for h in row)
+        assert Counter(h.distance for h in row) == Counter(expected.tolist())
+        inside = {f"item{i}" for i in np.flatnonzero(distances[q] < expected[-1])}
+        assert {h.id for h in row if h.distance < expected[-1]} == inside
+        for h in row:
+            assert distances[q, int(h.id[4:])] == h.distance
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_search_equals_brute_force_hamming(filled, bits):
+    index, _, database = filled
+    queries = random_codes(N_QUERIES, bits, seed=1000 + bits)
+    hits = index.search(bits, queries, K, modality="image")  # other tests add text records
+    assert_matches_brute_force(hits, queries, database[bits], K)
+    exact = index.search(bits, database[bits][:3], 1, modality="image")
+    assert [row[0].distance for row in exact] == [0, 0, 0]
+
+
+def test_upsert_is_idempotent_and_updates_fields(filled):
+    index, _, database = filled
+    first = records(database[64][:5])
+    changed = [IndexRecord(r.id, r.modality, database[64][-1].tobytes(), labels=("new:label",), snippet="updated")
+               for r in first]
+    assert index.upsert(64, first) == 5 and index.count(64) == N_CODES
+    assert index.upsert(64, changed + changed) == 5 and index.count(64) == N_CODES
+    hits = {h.id: h for h in index.search(64, database[64][-1:], 6)[0]}
+    assert set(hits) >= {f"item{i}" for i in range(5)} and hits["item0"].distance == 0
+    assert (hits["item0"].labels, hits["item0"].snippet, hits["item0"].patient_id) == (("new:label",), "updated", "")
+    index.upsert(64, first)  # restore for the other tests
+    assert index.search(64, database[64][:1], 1)[0][0].labels == ("location:Head_Neck",)
+
+
+def test_close_and_reopen_keeps_counts_and_results(filled, tmp_path):
+    path = tmp_path / "durable.db"
+    codes = random_codes(500, 64, seed=7)
+    queries = random_codes(5, 64, seed=8)
+    index = CodeIndex(str(path), [64])
+    index.upsert(64, records(codes))
+    before = index.search(64, queries, K)
+    index.close()
+    reopened = CodeIndex(str(path), [64])
+    try:
+        assert reopened.count(64) == 500
+        assert reopened.search(64, queries, K) == before
+    finally:
+        reopened.close()
+
+
+def test_filters_by_modality_label_and_view(filled):
+    index, _, database = filled
+    texts = [IndexRecord(f"item{i}", "text", database[16][i].tobytes(), snippet=f"text {i}", view="PA")
+             for i in range(50)]
+    index.upsert(16, texts)
+    query = database[16][:1]
+    text_hits = index.search(16, query, 20, modality="text")[0]
+    assert len(text_hits) == 20 and {h.modality for h in text_hits} == {"text"}
+    assert text_hits[0].id == "item0" and text_hits[0].distance == 0
+    head = index.search(16, query, 30, modality="image", labels=["location:Head_Neck"])[0]
+    assert len(head) == 30 and all(h.labels == ("location:Head_Neck",) for h in head)
+    # "_" is literal, not a wildcard, and labels must all be present
+    assert index.search(16, query, 5, labels=["location:HeadxNeck"]) == [[]]
+    both = index.search(16, query, 10, labels=["topic:a", "finding:COVID-19"], view="PA")[0]
+    assert both and all(set(h.labels) == {"topic:a", "finding:COVID-19"} and h.view == "PA" for h in both)
+    index.delete(["no-such-item"])
+    index.delete([])
+    assert index.count(16) == N_CODES + 50
+
+
+def test_get_and_delete(tmp_path):
+    index = CodeIndex(str(tmp_path / "small.db"), [32, 64])
+    try:
+        for bits in (32, 64):
+            codes = random_codes(3, bits, seed=bits)
+            index.upsert(bits, [IndexRecord("a", "image", codes[0].tobytes(), image_ref="/a.png", labels=("x:1",)),
+                                IndexRecord("a", "text", codes[1].tobytes(), snippet="the report"),
+                                IndexRecord("b", "image", codes[2].tobytes())])
+        hits = index.get("a")
+        assert [(h.modality, h.distance) for h in hits] == [("image", 0), ("text", 0)]
+        assert hits[0].image_ref == "/a.png" and hits[0].labels == ("x:1",) and hits[1].snippet == "the report"
+        assert index.get("nope") == []
+        index.delete(["a"])
+        assert index.get("a") == [] and index.count(32) == index.count(64) == 1
+        assert [h.id for h in index.get("b")] == ["b"]
+    finally:
+        index.close()
+
+
+def test_bad_inputs_raise_clear_errors(filled, tmp_path):
+    index, _, _ = filled
+    with pytest.raises(DataError, match="64-bit code is 8 packed bytes, got 4"):
+        index.upsert(64, [IndexRecord("ok", "image", bytes(8)), IndexRecord("short", "image", bytes(4))])
+    assert index.get("ok") == []  # nothing written
+    with pytest.raises(DataError, match="modality"):
+        index.upsert(64, [IndexRecord("x", "audio", bytes(8))])
+    with pytest.raises(DataError, match="contains '|'"):
+        index.upsert(64, [IndexRecord("x", "image", bytes(8), labels=("a|b",))])
+    with pytest.raises(DataError, match=r"shape \(Q, 8\)"):
+        index.search(64, np.zeros((2, 4), dtype=np.uint8), 5)
+    with pytest.raises(DataError, match=r"shape \(Q, 8\)"):
+        index.search(64, np.zeros((2, 64), dtype=np.int64), 5)
+    with pytest.raises(DataError, match="k must be"):
+        index.search(64, np.zeros((1, 8), dtype=np.uint8), 0)
+    with pytest.raises(DataError, match="control characters"):
+        index.search(64, np.zeros((1, 8), dtype=np.uint8), 5, labels=['x"\n'])
+    with pytest.raises(ConfigError, match="no 32-bit collection"):
+        index.count(32)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        CodeIndex(str(tmp_path / "x.db"), [12])
+    with pytest.raises(ConfigError, match="expected a milvus-lite file"):
+        CodeIndex("ftp://host/index", [64])
+    with pytest.raises(ConfigError, match="must end in .db"):
+        CodeIndex(str(tmp_path / "index"), [64])
+
+
+def test_second_process_is_refused_with_a_clear_message(filled):
+    _, path, _ = filled
+    script = f"from services.index import CodeIndex\nCodeIndex({str(path)!r}, [64])"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"another process owns {path}" in result.stderr and "Milvus server URI" in result.stderr
+
+
+def test_default_uri_lives_in_the_cache(medhash_cache):
+    assert resolve_uri(IndexConfig()) == str(medhash_cache / "index" / "medhash.db")
+    assert resolve_uri(IndexConfig(uri="http://milvus:19530")) == "http://milvus:19530"

@@ -1,0 +1,362 @@
+"""The Ray Serve application on a real local Ray cluster with a real milvus-lite file.
+
+A tiny LSCH run (tiny random LLM; real EfficientNet-Lite0, MiniLM and MedPix data) is trained once;
+its 180 items are bulk-ingested with the `medhash index` code; answers over HTTP are checked against
+the in-process pipeline and numpy Hamming distances. Then bad inputs, ingestion, metrics, a restart
+with auth on, and autoscaling of the TextEncoder under load from another process.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from serving.ingest import index_features, ingest_dataset
+from serving.pipeline import Pipeline
+from services.codes import hamming_distances
+from services.config import DeploymentResources, ServeConfig, load_config
+from services.data import open_dataset
+from services.featureset import build_featureset, limit_per_split
+from services.lsch.pipeline import embed
+
+pytestmark = pytest.mark.real
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+TOKEN_ENV = "MEDHASH_TEST_SERVING_TOKEN"
+MAX_REQUEST_BYTES = 2 * 2**20
+MAX_IMAGE_PIXELS = 4_000_000
+
+
+def tiny_config(shared_data: Path):
+    return load_config(CONFIGS / "medpix2-lsch-tiny.yaml", data={"root": shared_data / "medpix2"}, llm={"name": "tiny-random"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shared_data, ray_cluster, tmp_path_factory):
+    from training.trainer import train
+
+    cfg = tiny_config(shared_data)
+    return train(cfg, tmp_path_factory.mktemp("serving") / "run", build_featureset(cfg, progress=False))
+
+
+@pytest.fixture(scope="module")
+def dataset(shared_data):
+    """The tiny run's 180 items (60 per split)."""
+    cfg = tiny_config(shared_data)
+    return limit_per_split(open_dataset(cfg.data), cfg.train.limit_items)
+
+
+class Reference:
+    """The in-process pipeline and the codes of every indexed record, keyed (id, modality)."""
+
+    def __init__(self, run, dataset):
+        self.pipeline = Pipeline.load(run)
+        features = index_features(run.config(), dataset, progress=False)
+        v = embed(self.pipeline.hasher.model, features.image, features.text)
+        self.keys = {m: [(str(i), m) for i in features.ids] for m in ("image", "text")}
+        self.codes = {m: {b: self.pipeline.hasher(v[m], b) for b in self.pipeline.hasher.bits} for m in v}
+
+    def check(self, results: list[dict], query_code: np.ndarray, direction: str, bits: int, k: int) -> None:
+        """Same distances as a full numpy scan, and the same records wherever the k-th distance does not tie."""
+        modalities = {"reports": ["text"], "images": ["image"], "both": ["image", "text"]}[direction]
+        keys = [key for m in modalities for key in self.keys[m]]
+        distances = hamming_distances(query_code, np.concatenate([self.codes[m][bits] for m in modalities]))[0]
+        expected = np.sort(distances)[:k]
+        got = {(r["id"], r["modality"]): r["distance"] for r in results}
+        assert len(results) == len(got) == k
+        assert sorted(got.values()) == expected.tolist()
+        of = dict(zip(keys, distances.tolist()))
+        assert all(of[key] == d for key, d in got.items())
+        below = {key for key, d in of.items() if d < expected[-1]}
+        assert below <= set(got)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, dataset):
+    return Reference(tiny_run, dataset)
+
+
+@pytest.fixture(scope="module")
+def index_uri(tiny_run, dataset, tmp_path_factory):
+    """A milvus-lite file holding the 180 items, written by the `medhash index` code."""
+    from services.index import CodeIndex
+
+    uri = str(tmp_path_factory.mktemp("milvus") / "index.db")
+    index = CodeIndex(uri, tuple(tiny_run.config().lsch.bits))
+    try:
+        assert ingest_dataset(tiny_run, index, dataset, progress=False) == 180
+        assert ingest_dataset(tiny_run, index, dataset, progress=False) == 180  # idempotent
+        assert index.count(64) == 360
+    finally:
+        index.close()
+    return uri
+
+
+def start(run, uri: str, port: int, options: dict | None = None, **serve_fields) -> str:
+    """(Re)start Serve and the application; the base URL."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.shutdown()
+    fields = dict(port=port, max_request_bytes=MAX_REQUEST_BYTES, max_image_pixels=MAX_IMAGE_PIXELS, auth_token_env=TOKEN_ENV)
+    settings = run.config()
+    settings = settings.model_copy(update={"serve": ServeConfig(**{**fields, **serve_fields})})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(run.path, uri, settings, options), name="medhash", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run, index_uri):
+    port = free_port()
+    return {"url": start(tiny_run, index_uri, port, require_auth=False), "port": port}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def query_items(dataset, n: int = 2):
+    return [item for item in dataset.items if item.split == "query"][:n]
+
+
+def test_searches_over_http_match_the_in_process_pipeline(served, reference, dataset):
+    url = served["url"]
+    for item in query_items(dataset):
+        data = item.image_paths[0].read_bytes()
+        for direction, bits in (("reports", 64), ("images", 16), ("both", 32)):
+            answer = requests.post(
+                f"{url}/search/image", files={"file": (item.image_paths[0].name, data)},
+                data={"k": 10, "direction": direction, "bits": bits}, timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            reference.check(body["results"], reference.pipeline.image_codes([data], bits), direction, bits, 10)
+            hit = body["results"][0]
+            assert set(hit) == {"id", "modality", "distance", "patient_id", "study_id", "labels", "view", "snippet", "image_url"}
+            assert hit["image_url"] == f"/items/{hit['id']}/image"
+        answer = requests.post(f"{url}/search/text", json={"text": item.report, "k": 5}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["bits"] == 64 and answer.json()["direction"] == "images"  # the defaults
+        reference.check(answer.json()["results"], reference.pipeline.text_codes([item.report]), "images", 64, 5)
+    # the item's own image, sent as bytes, lands on (or next to) its indexed code
+    item = query_items(dataset)[0]
+    answer = requests.post(
+        f"{url}/search/image", files={"file": ("q.png", item.image_paths[0].read_bytes())},
+        data={"k": 5, "direction": "images", "bits": 64}, timeout=60,
+    ).json()["results"]
+    assert any(r["id"] == item.id and r["distance"] <= 1 for r in answer)
+    # filters: every result carries the label and view asked for
+    label, view = item.labels[0], item.view
+    answer = requests.post(
+        f"{url}/search/text", json={"text": item.report, "k": 5, "direction": "both", "labels": [label], "view": view}, timeout=60
+    )
+    assert answer.status_code == 200 and answer.json()["results"]
+    assert all(label in r["labels"] and r["view"] == view for r in answer.json()["results"])
+
+
+def test_one_search_latency_through_serve_and_in_process(served, reference, dataset):
+    """Not a bound: records both numbers for the report (run with -s)."""
+    item = query_items(dataset)[0]
+    started = time.perf_counter()
+    for _ in range(5):
+        assert requests.post(f"{served['url']}/search/text", json={"text": item.report, "k": 10}, timeout=60).status_code == 200
+    over_http = (time.perf_counter() - started) / 5
+    started = time.perf_counter()
+    for _ in range(5):
+        code = reference.pipeline.text_codes([item.report])
+        np.argsort(hamming_distances(code, reference.codes["image"][64])[0])[:10]
+    in_process = (time.perf_counter() - started) / 5
+    print(f"\none text search: {over_http * 1000:.1f} ms through Serve, {in_process * 1000:.1f} ms in process")
+
+
+def test_bad_input_gets_a_4xx_json_error_and_loses_nothing(served, dataset):
+    url = served["url"]
+    before = requests.get(f"{url}/healthz", timeout=30).json()["records"]
+    real_png = dataset.items[0].image_paths[0].read_bytes()
+    huge = png_bytes(Image.new("L", (2500, 2500)))  # 6.25 M pixels, more than MAX_IMAGE_PIXELS
+    image_cases = {
+        "not an image": (b"this is plain text, not a picture", 400),
+        "corrupt image": (real_png[: len(real_png) // 3], 400),
+        "huge image": (huge, 400),
+        "empty file": (b"", 400),
+        "too large request": (b"\0" * (MAX_REQUEST_BYTES + 1), 413),
+    }
+    for case, (data, status) in image_cases.items():
+        answer = requests.post(f"{url}/search/image", files={"file": ("x.png", data)}, data={"k": 3}, timeout=60)
+        assert answer.status_code == status, (case, answer.text)
+        assert isinstance(answer.json()["error"], str) and answer.json()["error"], case
+    text_cases = {
+        "empty text": ({"json": {"text": "   "}}, 400),
+        "wrong type": ({"json": {"text": 5}}, 422),
+        "k not a number": ({"json": {"text": "x", "k": "many"}}, 422),
+        "unknown field": ({"json": {"text": "x", "colour": "red"}}, 422),
+        "k above the limit": ({"json": {"text": "x", "k": 100_000}}, 400),
+        "untrained bits": ({"json": {"text": "x", "bits": 7}}, 400),
+        "bad direction": ({"json": {"text": "x", "direction": "sideways"}}, 422),
+        "not UTF-8": ({"data": b'{"text": "\xff\xfe broken"}', "headers": {"Content-Type": "application/json"}}, 422),
+        "not JSON": ({"data": b"text=hello", "headers": {"Content-Type": "application/json"}}, 422),
+    }
+    for case, (kwargs, status) in text_cases.items():
+        answer = requests.post(f"{url}/search/text", timeout=60, **kwargs)
+        assert answer.status_code == status, (case, answer.text)
+        assert answer.json()["error"], case
+    for path in ("/items/no-such-item", "/items/no-such-item/image"):
+        answer = requests.get(url + path, timeout=30)
+        assert answer.status_code == 404 and "no-such-item" in answer.json()["error"]
+    answer = requests.post(f"{url}/search/image", data={"k": 3}, timeout=30)  # no file field
+    assert answer.status_code == 422 and answer.json()["error"]
+    answer = requests.post(f"{url}/ingest", data={"id": "bad-1", "report": "a report"}, files={"image": ("x.png", b"junk")}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]
+    answer = requests.post(f"{url}/ingest", data={"id": "bad-2"}, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]
+    # still serving, nothing lost, nothing half-written
+    assert requests.get(f"{url}/healthz", timeout=30).json()["records"] == before
+    assert requests.get(f"{url}/items/bad-1", timeout=30).status_code == 404
+    answer = requests.post(f"{url}/search/text", json={"text": dataset.items[0].report}, timeout=60)
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 10
+
+
+def test_ingest_then_get_find_and_fetch_the_image(served, dataset):
+    url = served["url"]
+    source = dataset.items[-1]
+    before = requests.get(f"{url}/healthz", timeout=30).json()["records"]
+    form = {
+        "id": "upload-1", "report": "Fresh report: small nodule in the right upper lobe.", "patient_id": "patient-up",
+        "study_id": "study-up", "labels": "test:uploaded, location:Chest", "view": "axial",
+    }
+    for _ in range(2):  # the second call replaces, it does not duplicate
+        answer = requests.post(f"{url}/ingest", data=form, files={"image": ("scan.png", source.image_paths[0].read_bytes())}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["modalities"] == ["image", "text"]
+    after = requests.get(f"{url}/healthz", timeout=30).json()["records"]
+    assert after == {bits: count + 2 for bits, count in before.items()}
+    item = requests.get(f"{url}/items/upload-1", timeout=30).json()
+    assert item["modalities"] == ["image", "text"] and item["patient_id"] == "patient-up" and item["study_id"] == "study-up"
+    assert item["labels"] == ["test:uploaded", "location:Chest"] and item["snippet"].startswith("Fresh report")
+    image = Image.open(io.BytesIO(requests.get(url + item["image_url"], timeout=30).content))
+    assert image.size == Image.open(source.image_paths[0]).size
+    answer = requests.post(
+        f"{url}/search/text", json={"text": form["report"], "direction": "reports", "labels": ["test:uploaded"]}, timeout=60
+    ).json()["results"]
+    assert [(r["id"], r["distance"]) for r in answer] == [("upload-1", 0)]
+
+
+def test_metrics_are_prometheus_text_without_patient_data(served, dataset):
+    text = requests.get(f"{served['url']}/metrics", timeout=30).text
+    for needle in (
+        'medhash_requests_total{route="/search/text",status="200"}',
+        'medhash_requests_total{route="/search/image",status="400"}',
+        'medhash_requests_total{route="/items/{item_id}",status="404"}',
+        'medhash_stage_latency_seconds_count{stage="encode_image"}',
+        'medhash_stage_latency_seconds_count{stage="insert"}',
+        'medhash_batch_size_count{encoder="text"}',
+        'medhash_index_records{bits="64"} 362.0',
+        'medhash_errors_total{kind="bad_input"}',
+        'medhash_errors_total{kind="too_large"}',
+    ):
+        assert needle in text, needle
+    for private in ("upload-1", "patient-up", "no-such-item", dataset.items[0].patient_id):
+        assert private not in text
+
+
+def search_pair(url: str, dataset, headers: dict) -> tuple:
+    item = query_items(dataset)[0]
+    text = requests.post(f"{url}/search/text", json={"text": item.report, "k": 10}, headers=headers, timeout=60).json()
+    image = requests.post(
+        f"{url}/search/image", files={"file": ("q.png", item.image_paths[0].read_bytes())}, headers=headers, timeout=60
+    ).json()
+    return text, image
+
+
+def test_restart_with_auth_keeps_every_record_and_answer(served, tiny_run, index_uri, dataset, monkeypatch):
+    url = served["url"]
+    counts = requests.get(f"{url}/healthz", timeout=30).json()["records"]
+    answers = search_pair(url, dataset, {})
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    start(tiny_run, index_uri, served["port"], require_auth=True)
+    denied = requests.post(f"{url}/search/text", json={"text": "x"}, timeout=30)
+    assert denied.status_code == 401 and denied.json()["error"]
+    wrong = {"Authorization": "Bearer wrong"}
+    assert requests.get(f"{url}/items/upload-1", headers=wrong, timeout=30).status_code == 401
+    assert requests.get(f"{url}/healthz", timeout=30).json()["records"] == counts  # health stays open
+    assert search_pair(url, dataset, {"Authorization": "Bearer s3cret-token"}) == answers
+
+
+LOAD = """
+import sys, time, requests
+from concurrent.futures import ThreadPoolExecutor
+url, text = sys.argv[1], sys.argv[2]
+def hammer(_):
+    while True:
+        requests.post(url + "/search/text", json={"text": text, "k": 5}, timeout=60)
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(hammer, range(8)))
+"""
+
+
+def text_replicas() -> int:
+    from ray import serve
+
+    states = serve.status().applications["medhash"].deployments["TextEncoder"].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def wait_for(condition, timeout_s: float) -> float:
+    """Seconds until ``condition()`` held; fails after ``timeout_s``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"not within {timeout_s} s"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_uri, dataset):
+    one = DeploymentResources(min_replicas=1, max_replicas=1)
+    autoscaling = {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+        "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2,
+    }
+    url = start(
+        tiny_run, index_uri, served["port"], {"TextEncoder": {"autoscaling_config": autoscaling}},
+        require_auth=False, image_encoder=one, hasher=one, index=one, ingress=one, text_batch_size=2,
+    )
+    assert text_replicas() == 1
+    load = subprocess.Popen([sys.executable, "-c", LOAD, url, query_items(dataset)[0].report])
+    try:
+        up = wait_for(lambda: text_replicas() >= 2, 45)
+    finally:
+        load.terminate()
+        load.wait(10)
+    down = wait_for(lambda: text_replicas() == 1, 40)
+    print(f"\nTextEncoder: 2 replicas {up:.1f} s into the load, back to 1 replica {down:.1f} s after it stopped")
+    assert requests.post(f"{url}/search/text", json={"text": "chest"}, timeout=60).status_code == 200
