@@ -7,7 +7,7 @@ A ``.db`` path opens a milvus-lite file (exact ``BIN_FLAT`` scan; one process pe
 
 Ties: Milvus orders equal Hamming distances by no documented rule (milvus-lite was seen to return
 them in insertion order), and when several items tie at the k-th distance, which of them make the
-top k is Milvus's choice. :meth:`CodeIndex.search` sorts the hits it gets by (distance, id).
+top k is Milvus's choice. :meth:`CodeIndex.search` sorts the hits it gets by (distance, id, modality).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ _MAX_BYTES = {"pk": 520, "id": 512, "modality": 8, "patient_id": 256, "study_id"
               "view": 64, "snippet": 2048, "image_ref": 2048}  # VARCHAR max_length of each field
 _OUTPUT_FIELDS = ["id", "modality", "patient_id", "study_id", "labels", "view", "snippet", "image_ref"]
 _UPSERT_BATCH = 10_000  # rows per Milvus call
+_DELETE_BATCH = 1_000  # primary keys per delete expression
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,11 @@ class CodeIndex:
 
     def delete(self, item_ids: Sequence[str]) -> None:
         """Remove both modalities' records of ``item_ids`` from every collection (unknown ids are ignored)."""
-        keys = [f"{modality}:{item_id}" for item_id in item_ids for modality in MODALITIES]
-        if not keys:
-            return
-        for b in self._bits:
-            self._client.delete(self._collection(b), filter=f"pk in [{', '.join(map(_literal, keys))}]")
+        keys = [_literal(f"{modality}:{item_id}") for item_id in item_ids for modality in MODALITIES]
+        for start in range(0, len(keys), _DELETE_BATCH):
+            in_batch = f"pk in [{', '.join(keys[start : start + _DELETE_BATCH])}]"
+            for b in self._bits:
+                self._client.delete(self._collection(b), filter=in_batch)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -124,7 +125,7 @@ class CodeIndex:
 
         Filters: ``modality`` ("image" / "text"), ``labels`` (an item must carry all of them), ``view``;
         None or empty means no filter.
-        Each query's hits are sorted by (distance, id); see the module docstring on ties.
+        Each query's hits are sorted by (distance, id, modality); see the module docstring on ties.
         """
         name = self._collection(bits)
         codes = np.asarray(codes)
@@ -147,7 +148,7 @@ class CodeIndex:
             name, data=[row.tobytes() for row in codes], anns_field="code", limit=k,
             search_params=self._search_params, output_fields=_OUTPUT_FIELDS, filter=" and ".join(clauses),
         )
-        return [sorted((_hit(h["entity"], h["distance"]) for h in hits), key=lambda h: (h.distance, h.id))
+        return [sorted((_hit(h["entity"], h["distance"]) for h in hits), key=lambda h: (h.distance, h.id, h.modality))
                 for hits in results]
 
     def get(self, item_id: str) -> list[Hit]:

@@ -11,7 +11,7 @@ import pytest
 from services.codes import hamming_distances
 from services.config import IndexConfig
 from services.errors import ConfigError, DataError
-from services.index import CodeIndex, IndexRecord, resolve_uri
+from services.index import CodeIndex, IndexRecord, open_index, resolve_uri
 
 BITS = (16, 64, 128)
 N_CODES, N_QUERIES, K = 2000, 20, 10
@@ -127,7 +127,7 @@ def test_get_and_delete(tmp_path):
         assert [(h.modality, h.distance) for h in hits] == [("image", 0), ("text", 0)]
         assert hits[0].image_ref == "/a.png" and hits[0].labels == ("x:1",) and hits[1].snippet == "the report"
         assert index.get("nope") == []
-        index.delete(["a"])
+        index.delete([f"unknown{i}" for i in range(1500)] + ["a"])  # "a" falls in the last delete batch
         assert index.get("a") == [] and index.count(32) == index.count(64) == 1
         assert [h.id for h in index.get("b")] == ["b"]
     finally:
@@ -172,3 +172,13 @@ def test_second_process_is_refused_with_a_clear_message(filled):
 def test_default_uri_lives_in_the_cache(medhash_cache):
     assert resolve_uri(IndexConfig()) == str(medhash_cache / "index" / "medhash.db")
     assert resolve_uri(IndexConfig(uri="http://milvus:19530")) == "http://milvus:19530"
+
+
+def test_open_index_follows_the_config_section(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDHASH_MILVUS_TOKEN", "")
+    index = open_index(IndexConfig(uri=str(tmp_path / "cfg.db"), collection_prefix="other"), [16])
+    try:
+        index.upsert(16, [IndexRecord("a", "text", bytes(2))])
+        assert index.count(16) == 1 and index._client.list_collections() == ["other_16"]
+    finally:
+        index.close()
