@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serving import metrics
-from services.config import DeploymentResources, MedhashConfig, ServeConfig, cache_root, load_config
+from services.config import DeploymentResources, IndexConfig, MedhashConfig, ServeConfig, cache_root, load_config
 from services.errors import ConfigError, DataError
 from services.run_dir import RunDir
 
@@ -119,10 +119,10 @@ class HasherDeployment:
 class IndexDeployment:
     """The Milvus code index: one replica owns a milvus-lite file; replicas scale with a server URI."""
 
-    def __init__(self, uri: str, bits: tuple[int, ...], token: str | None):
-        from services.index import CodeIndex
+    def __init__(self, cfg: IndexConfig, bits: tuple[int, ...]):
+        from services.index import open_index
 
-        self.index = CodeIndex(uri, bits, token=token)
+        self.index = open_index(cfg, bits)  # a server's token from cfg.token_env in this replica's environment
 
     def search(self, bits: int, codes: np.ndarray, k: int, modality: str | None, labels: tuple[str, ...], view: str | None):
         return self.index.search(bits, codes, k, modality=modality, labels=labels, view=view)
@@ -394,7 +394,7 @@ class Ingress:
 
 def is_server_uri(uri: str) -> bool:
     """Whether ``uri`` names a Milvus server (replicas may share it) rather than a milvus-lite file."""
-    return "://" in uri
+    return uri.startswith(("http://", "https://", "tcp://"))
 
 
 def _options(res: DeploymentResources, cfg: ServeConfig, **extra) -> dict:
@@ -411,11 +411,11 @@ def _options(res: DeploymentResources, cfg: ServeConfig, **extra) -> dict:
     }
 
 
-def index_target(settings: MedhashConfig, milvus_uri: str | None = None) -> tuple[str, str | None]:
-    """(Milvus URI, Milvus token or None) of the ``index`` section; ``milvus_uri`` overrides the URI."""
+def index_settings(settings: MedhashConfig, milvus_uri: str | None = None) -> IndexConfig:
+    """The ``index`` section with its URI resolved (``milvus_uri`` overrides it)."""
     from services.index import resolve_uri
 
-    return milvus_uri or resolve_uri(settings.index), os.environ.get(settings.index.token_env) or None
+    return settings.index.model_copy(update={"uri": milvus_uri or resolve_uri(settings.index)})
 
 
 def auth_token(cfg: ServeConfig) -> str | None:
@@ -445,7 +445,7 @@ def build_app(
     run_cfg = run.config()
     settings = settings or run_cfg
     cfg = settings.serve
-    uri, index_token = index_target(settings, milvus_uri)
+    index_cfg = index_settings(settings, milvus_uri)
     bits = tuple(sorted(run_cfg.lsch.bits))
     overrides = deployment_options or {}
     path = str(run.path)
@@ -455,7 +455,7 @@ def build_app(
         merged = {**options, **override}
         if "num_replicas" in override:
             merged.pop("autoscaling_config", None)
-        if deployment is IndexDeployment and not is_server_uri(uri):  # one process per milvus-lite file
+        if deployment is IndexDeployment and not is_server_uri(index_cfg.uri):  # one process per milvus-lite file
             merged.pop("autoscaling_config", None)
             merged["num_replicas"] = 1
         return deployment.options(**merged)
@@ -464,7 +464,7 @@ def build_app(
         configured(ImageEncoder, _options(cfg.image_encoder, cfg, max_ongoing_requests=4 * cfg.image_batch_size)).bind(path, cfg),
         configured(TextEncoder, _options(cfg.text_encoder, cfg, max_ongoing_requests=4 * cfg.text_batch_size)).bind(path, cfg),
         configured(HasherDeployment, _options(cfg.hasher, cfg)).bind(path, cfg),
-        configured(IndexDeployment, _options(cfg.index, cfg)).bind(uri, bits, index_token),
+        configured(IndexDeployment, _options(cfg.index, cfg)).bind(index_cfg, bits),
         bits,
         cfg,
         auth_token(cfg),

@@ -32,14 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.set_defaults(func=run_index)
 
 
-def read_serve_config(path: Path | None, run: RunDir) -> tuple[MedhashConfig, dict, dict]:
+def read_serve_config(path: Path | None, defaults: MedhashConfig) -> tuple[MedhashConfig, dict, dict]:
     """(medhash settings, Serve options by deployment name, app args) from ``path``.
 
     A file with ``applications:`` is a Serve config: its first application's ``args`` and
-    ``deployments`` and its ``http_options`` apply. Any other file is a medhash config.
+    ``deployments`` and its ``http_options`` apply. Any other file is a medhash config. ``defaults``
+    (the run's config) stands where no medhash config is named.
     """
     if path is None:
-        return run.config(), {}, {}
+        return defaults, {}, {}
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     if not isinstance(raw, dict) or "applications" not in raw:
         return load_config(path), {}, {}
@@ -47,7 +48,7 @@ def read_serve_config(path: Path | None, run: RunDir) -> tuple[MedhashConfig, di
         raise ConfigError(f"{path}: no application under 'applications'")
     application = raw["applications"][0]
     app_args = application.get("args") or {}
-    settings = load_config(app_args["config"]) if app_args.get("config") else run.config()
+    settings = load_config(app_args["config"]) if app_args.get("config") else defaults
     http = {k: v for k, v in (raw.get("http_options") or {}).items() if k in ("host", "port")}
     settings = settings.model_copy(update={"serve": settings.serve.model_copy(update=http)})
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in application.get("deployments") or []}
@@ -61,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.app import build_app
 
     run = RunDir(args.run)
-    settings, options, app_args = read_serve_config(args.config, run)
+    settings, options, app_args = read_serve_config(args.config, run.config())
     http = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update={"serve": settings.serve.model_copy(update=http)})
     application = build_app(run.path, args.milvus_uri or app_args.get("milvus_uri"), settings, options)
@@ -81,8 +82,8 @@ def run_index(args: argparse.Namespace) -> int:
 
     from serving.ingest import ingest_dataset
     from services.data import open_dataset
-    from serving.app import index_target
-    from services.index import CodeIndex
+    from serving.app import index_settings
+    from services.index import open_index
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
@@ -95,8 +96,7 @@ def run_index(args: argparse.Namespace) -> int:
     dataset = open_dataset(data_cfg)
     if args.limit:
         dataset = replace(dataset, items=dataset.items[: args.limit])
-    uri, token = index_target(settings, args.milvus_uri)
-    index = CodeIndex(uri, tuple(run_cfg.lsch.bits), token=token)
+    index = open_index(index_settings(settings, args.milvus_uri), run_cfg.lsch.bits)
     try:
         indexed = ingest_dataset(run, index, dataset)
         counts = ", ".join(f"{bits}-bit: {index.count(bits):,}" for bits in sorted(run_cfg.lsch.bits))

@@ -1,14 +1,13 @@
 """The Ray Serve application on a real local Ray cluster with a real milvus-lite file.
 
 A tiny LSCH run (tiny random LLM; real EfficientNet-Lite0, MiniLM and MedPix data) is trained once;
-its 180 items are bulk-ingested with the `medhash index` code; answers over HTTP are checked against
+its items are bulk-ingested with the `medhash index` code; answers over HTTP are checked against
 the in-process pipeline and numpy Hamming distances. Then bad inputs, ingestion, metrics, a restart
 with auth on, and autoscaling of the TextEncoder under load from another process.
 """
 from __future__ import annotations
 
 import io
-import os
 import socket
 import subprocess
 import sys
@@ -37,7 +36,11 @@ MAX_IMAGE_PIXELS = 4_000_000
 
 
 def tiny_config(shared_data: Path):
-    return load_config(CONFIGS / "medpix2-lsch-tiny.yaml", data={"root": shared_data / "medpix2"}, llm={"name": "tiny-random"})
+    """The tiny MedPix run of test_training.py on 60 items per split, one epoch per stage (serving needs a run, not a good one)."""
+    return load_config(
+        CONFIGS / "medpix2-lsch-tiny.yaml", data={"root": shared_data / "medpix2"}, llm={"name": "tiny-random"},
+        train={"align_epochs": 1, "rbm_epochs": 1, "joint_epochs": 1, "limit_items": 60},
+    )
 
 
 def free_port() -> int:
@@ -67,7 +70,7 @@ def tiny_run(shared_data, ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(shared_data):
-    """The tiny run's 180 items (60 per split)."""
+    """The tiny run's items (``train.limit_items`` per split)."""
     cfg = tiny_config(shared_data)
     return limit_per_split(open_dataset(cfg.data), cfg.train.limit_items)
 
@@ -104,15 +107,15 @@ def reference(tiny_run, dataset):
 
 @pytest.fixture(scope="module")
 def index_uri(tiny_run, dataset, tmp_path_factory):
-    """A milvus-lite file holding the 180 items, written by the `medhash index` code."""
+    """A milvus-lite file holding the tiny run's items, written by the `medhash index` code."""
     from services.index import CodeIndex
 
     uri = str(tmp_path_factory.mktemp("milvus") / "index.db")
     index = CodeIndex(uri, tuple(tiny_run.config().lsch.bits))
     try:
-        assert ingest_dataset(tiny_run, index, dataset, progress=False) == 180
-        assert ingest_dataset(tiny_run, index, dataset, progress=False) == 180  # idempotent
-        assert index.count(64) == 360
+        assert ingest_dataset(tiny_run, index, dataset, progress=False) == len(dataset)
+        assert ingest_dataset(tiny_run, index, dataset, progress=False) == len(dataset)  # idempotent
+        assert index.count(64) == 2 * len(dataset)
     finally:
         index.close()
     return uri
@@ -280,7 +283,7 @@ def test_metrics_are_prometheus_text_without_patient_data(served, dataset):
         'medhash_stage_latency_seconds_count{stage="encode_image"}',
         'medhash_stage_latency_seconds_count{stage="insert"}',
         'medhash_batch_size_count{encoder="text"}',
-        'medhash_index_records{bits="64"} 362.0',
+        f'medhash_index_records{{bits="64"}} {2 * len(dataset) + 2}.0',
         'medhash_errors_total{kind="bad_input"}',
         'medhash_errors_total{kind="too_large"}',
     ):
