@@ -13,9 +13,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from services.config import MedhashConfig
 from services.errors import ConfigError
@@ -35,7 +33,9 @@ class RunDir:
     def is_complete(self) -> bool:
         return self.weights_file.is_file() and self.meta_file.is_file()
 
-    def write(self, cfg: MedhashConfig, weights: dict[str, torch.Tensor], label_names, history, meta) -> None:
+    def write(self, cfg: MedhashConfig, weights: dict, label_names, history, meta) -> None:
+        from safetensors.torch import save_file
+
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         save_file({k: v.contiguous() for k, v in weights.items()}, str(self.weights_file))
@@ -47,7 +47,10 @@ class RunDir:
         self._require()
         return MedhashConfig.model_validate(yaml.safe_load(self.config_file.read_text(encoding="utf-8")))
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def weights(self) -> dict:
+        """The trained tensors by name (torch)."""
+        from safetensors.torch import load_file
+
         self._require()
         return load_file(str(self.weights_file))
 

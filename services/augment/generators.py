@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import requests
-import torch
 
 from services.augment.templates import Template, read_prompt
 from services.config import AugmentConfig, LLMConfig
@@ -231,8 +230,13 @@ class LocalLMGenerator:
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self.key = key
 
-    @torch.inference_mode()
     def generate(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        with torch.inference_mode():
+            return self._generate(prompts)
+
+    def _generate(self, prompts: list[str]) -> list[str]:
         texts = []
         for start in range(0, len(prompts), self.batch_size):
             batch = self.tokenizer(prompts[start:start + self.batch_size], return_tensors="pt", padding=True)
