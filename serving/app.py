@@ -221,7 +221,7 @@ async def _guarded(request: Request, call_next):
     if request.method in ("POST", "PUT", "PATCH"):
         length = request.headers.get("content-length", "")
         if not length.isdigit():
-            return error_response(411, "too_large", "a Content-Length header is required")
+            return error_response(411, "no_length", "a Content-Length header is required")
         if int(length) > guard.max_request_bytes:
             return error_response(413, "too_large", f"request of {int(length):,} bytes exceeds the {guard.max_request_bytes:,} limit")
     return await call_next(request)

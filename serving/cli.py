@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +72,7 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(application, name="medhash", route_prefix="/")
     print(f"medhash serving {run.path} on http://{settings.serve.host}:{settings.serve.port} (docs at /docs); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `docker stop` / `kill`: shut Serve down cleanly too
     try:
         while True:
             time.sleep(3600)

@@ -226,7 +226,7 @@ def test_bad_input_gets_a_4xx_json_error_and_loses_nothing(served, dataset):
         "k above the limit": ({"json": {"text": "x", "k": 100_000}}, 400),
         "untrained bits": ({"json": {"text": "x", "bits": 7}}, 400),
         "bad direction": ({"json": {"text": "x", "direction": "sideways"}}, 422),
-        "not UTF-8": ({"data": b'{"text": "\xff\xfe broken"}', "headers": {"Content-Type": "application/json"}}, 422),
+        "not UTF-8": ({"data": b'{"text": "\xff\xfe broken"}', "headers": {"Content-Type": "application/json"}}, 400),
         "not JSON": ({"data": b"text=hello", "headers": {"Content-Type": "application/json"}}, 422),
     }
     for case, (kwargs, status) in text_cases.items():
