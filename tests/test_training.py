@@ -105,8 +105,17 @@ def test_one_and_two_workers_reach_the_same_map(shared_data, tiny_features, ray_
 
 
 def _worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """Process ids of the Ray Train workers of the cluster this test process started."""
+    import psutil
+
+    pids = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                pids.append(process.pid)
+        except psutil.Error:  # it exited meanwhile
+            pass
+    return pids
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
