@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -53,7 +54,8 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
 
-    model = build_lsch(cfg, data.image.shape[1], data.text.shape[1])
+    device = ray.train.torch.get_device()  # a GPU when the worker has one
+    model = build_lsch(cfg, data.image.shape[1], data.text.shape[1]).to(device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = _restore(model, optimizer)
     stages = schedule(cfg)
@@ -95,8 +97,9 @@ def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> d
         shards = [np.arange(r, len(rows), world) for r in range(world)]
         rows, text = rows[np.concatenate(shards)], text[np.concatenate(shards)]
         mine = slice(rank * len(shards[0]), (rank + 1) * len(shards[0]))
-        z, t = torch.from_numpy(data.image[rows]), torch.from_numpy(text)
-        labels = torch.from_numpy(data.labels[rows].astype(np.float32))
+        device = next(model.parameters()).device
+        z, t = torch.from_numpy(data.image[rows]).to(device), torch.from_numpy(text).to(device)
+        labels = torch.from_numpy(data.labels[rows].astype(np.float32)).to(device)
         if stage == "rbm":
             with torch.no_grad():
                 v = torch.cat([model.embed_image(z[mine]), model.embed_text(t[mine])])
@@ -195,7 +198,7 @@ def _restore(model: LSCHModel, optimizer: torch.optim.Optimizer) -> TrainState:
     if not checkpoint:
         return TrainState()
     with checkpoint.as_directory() as folder:
-        saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+        saved = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
     model.load_state_dict_trainable(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     state: TrainState = saved["state"]

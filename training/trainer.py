@@ -60,7 +60,7 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        saved = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+        saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
     state = saved["state"]
     run.write(
         cfg,

@@ -38,9 +38,10 @@ def embed(model: LSCHModel, image: np.ndarray, text: np.ndarray, batch_size: int
     """v^x of every image row and v^y of every text row: {"image": [N, d], "text": [M, d]}."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = {
-        "image": _batched(model.embed_image, image, batch_size),
-        "text": _batched(model.embed_text, text, batch_size),
+        "image": _batched(model.embed_image, image, batch_size, device),
+        "text": _batched(model.embed_text, text, batch_size, device),
     }
     model.train(was_training)
     return out
@@ -48,9 +49,16 @@ def embed(model: LSCHModel, image: np.ndarray, text: np.ndarray, batch_size: int
 
 def hash_codes(model: LSCHModel, v: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
     """Packed codes (np.packbits rows) of each modality's v at one code length."""
-    return {m: pack_codes(model.codes(torch.from_numpy(x), bits).numpy().astype(np.uint8)) for m, x in v.items()}
+    device = next(model.parameters()).device
+    return {
+        m: pack_codes(model.codes(torch.from_numpy(x).to(device), bits).cpu().numpy().astype(np.uint8))
+        for m, x in v.items()
+    }
 
 
-def _batched(fn, rows: np.ndarray, batch_size: int) -> np.ndarray:
-    parts = [fn(torch.from_numpy(rows[i : i + batch_size])).numpy() for i in range(0, len(rows), batch_size)]
+def _batched(fn, rows: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    parts = [
+        fn(torch.from_numpy(rows[i : i + batch_size]).to(device)).cpu().numpy()
+        for i in range(0, len(rows), batch_size)
+    ]
     return np.concatenate(parts).astype(np.float32)
