@@ -319,8 +319,11 @@ LOAD = """
 import sys, time, requests
 from concurrent.futures import ThreadPoolExecutor
 url, text = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 150  # bounded in time and count: it stops by itself
 def hammer(_):
-    while True:
+    for _ in range(2000):
+        if time.monotonic() > deadline:
+            return
         requests.post(url + "/search/text", json={"text": text, "k": 5}, timeout=60)
 with ThreadPoolExecutor(8) as pool:
     list(pool.map(hammer, range(8)))
@@ -356,10 +359,10 @@ def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_
     assert text_replicas() == 1
     load = subprocess.Popen([sys.executable, "-c", LOAD, url, query_items(dataset)[0].report])
     try:
-        up = wait_for(lambda: text_replicas() >= 2, 45)
+        up = wait_for(lambda: text_replicas() >= 2, 120)
     finally:
         load.terminate()
         load.wait(10)
-    down = wait_for(lambda: text_replicas() == 1, 40)
+    down = wait_for(lambda: text_replicas() == 1, 60)
     print(f"\nTextEncoder: 2 replicas {up:.1f} s into the load, back to 1 replica {down:.1f} s after it stopped")
     assert requests.post(f"{url}/search/text", json={"text": "chest"}, timeout=60).status_code == 200

@@ -1,0 +1,265 @@
+"""Search through Ray Serve vs the same pipeline in-process: latency percentiles and sustained requests/s.
+
+The dataset's codes go into a milvus-lite file (reused when it already holds every item). The same
+query-split reports (and query images) are searched first in this process (``Pipeline`` + ``CodeIndex``)
+and then over HTTP through the Serve application on a local Ray cluster, the HTTP load coming from a
+separate process. Both run one query at a time and with a thread pool of ``concurrency`` workers;
+the ratios come from the same run (absolute times are noisy on a shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from services.data.item import Dataset
+from services.run_dir import RunDir
+
+K = 10
+HOST = "127.0.0.1"
+WARMUP = 3  # requests sent before timing each path
+REQUEST_TIMEOUT_S = 60.0
+DATASETS = ["medpix2", "covid-cxr", "iu-xray", "mimic-cxr", "manifest"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency and throughput of one batch of requests on one path."""
+
+    path: str  # "in-process" | "Ray Serve"
+    query: str  # "text" | "image"
+    concurrency: int
+    requests: int
+    errors: int  # failed requests (exceptions or non-2xx answers), left out of the latencies
+    p50_ms: float
+    p99_ms: float
+    requests_per_s: float  # completed requests / wall time of the whole batch
+
+
+def summarize(path: str, query: str, concurrency: int, latencies_s: Sequence[float], errors: int,
+              wall_s: float) -> Timing:
+    """A :class:`Timing` of successful request latencies (seconds) and the batch's wall time."""
+    p50, p99 = np.percentile(latencies_s, [50, 99]) if len(latencies_s) else (float("nan"), float("nan"))
+    return Timing(path, query, concurrency, len(latencies_s) + errors, errors, p50 * 1000, p99 * 1000,
+                  len(latencies_s) / wall_s if wall_s > 0 else float("nan"))
+
+
+def fire(call: Callable[[object], object], payloads: Sequence, concurrency: int) -> tuple[list[float], int, float]:
+    """Run ``call`` on every payload with ``concurrency`` threads: (latencies of successes, errors, wall seconds)."""
+
+    def timed(payload) -> float | None:
+        start = time.perf_counter()
+        try:
+            call(payload)
+        except Exception:
+            return None
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(timed, payloads))
+    wall_s = time.perf_counter() - start
+    latencies = [r for r in results if r is not None]
+    return latencies, len(results) - len(latencies), wall_s
+
+
+def post_all(url: str, posts: Sequence[dict], concurrency: int,
+             timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[list[float], int, float]:
+    """POST each of ``posts`` (``requests.post`` keyword arguments) to ``url``: :func:`fire` over HTTP.
+
+    Run it in a separate process so the client's work does not share the server's interpreter.
+    """
+    import requests
+
+    with requests.Session() as session:
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=concurrency))
+
+        def post(kwargs: dict) -> None:
+            session.post(url, timeout=timeout_s, **kwargs).raise_for_status()
+
+        return fire(post, posts, concurrency)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("speed-serve", help="search latency and req/s: Ray Serve over HTTP vs in-process")
+    parser.add_argument("--run", type=Path, required=True, help="run directory written by `medhash train`")
+    parser.add_argument("--dataset", choices=DATASETS, help="dataset to index and query (default: the run's)")
+    parser.add_argument("--root", type=Path, help="dataset folder (manifest: the manifest file)")
+    parser.add_argument("--requests", type=int, default=200, help="text searches per measurement (default 200)")
+    parser.add_argument("--image-requests", type=int, default=50, help="image searches per measurement (default 50; 0: none)")
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads of the concurrent runs (default 8)")
+    parser.add_argument("--milvus-uri", help="milvus-lite file (default: <medhash cache>/bench/speed-serve.db)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve app on 127.0.0.1 (default 8000)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.config import cache_root
+    from services.errors import ConfigError
+
+    if args.requests < 1 or args.image_requests < 0 or args.concurrency < 1:
+        raise ConfigError("need --requests >= 1, --image-requests >= 0 and --concurrency >= 1")
+    uri = args.milvus_uri or str(cache_root() / "bench" / "speed-serve.db")
+    if not uri.endswith(".db"):
+        raise ConfigError(f"--milvus-uri {uri!r}: this benchmark runs on a milvus-lite file (*.db)")
+    _check_port_free(args.port)
+    timings = measure_serve_speed(RunDir(args.run), _dataset(args), uri, args.requests, args.image_requests,
+                                  args.concurrency, args.port)
+    print(format_report(timings))
+    return 0
+
+
+def measure_serve_speed(run: RunDir, dataset: Dataset, uri: str, requests: int = 200, image_requests: int = 50,
+                        concurrency: int = 8, port: int = 8000) -> list[Timing]:
+    """Index ``dataset``, then time text (and image) searches in-process and through Serve."""
+    queries = [item for item in dataset.items if item.split == "query"] or dataset.items
+    texts = [queries[i % len(queries)].report for i in range(requests)]
+    images = [_png_bytes(queries[i % len(queries)].image_paths[0]) for i in range(image_requests)]
+    _ensure_indexed(run, dataset, uri)
+    timings = _in_process(run, uri, texts, images, concurrency)
+    timings += _through_serve(run, uri, texts, images, concurrency, port)
+    return timings
+
+
+def _dataset(args: argparse.Namespace) -> Dataset:
+    from services.config import DataConfig
+    from services.data import open_dataset
+
+    run_data = RunDir(args.run).config().data
+    data_cfg = run_data if args.dataset in (None, run_data.dataset) else DataConfig(dataset=args.dataset)
+    if args.root is not None:
+        data_cfg = data_cfg.model_copy(update={"root": args.root})
+    return open_dataset(data_cfg)
+
+
+def _open(run: RunDir, uri: str):
+    from serving.app import index_settings
+    from services.index import open_index
+
+    cfg = run.config()
+    return open_index(index_settings(cfg, uri), cfg.lsch.bits)
+
+
+def _ensure_indexed(run: RunDir, dataset: Dataset, uri: str) -> None:
+    """Every item of ``dataset`` in the file at ``uri`` (both modalities, every code length)."""
+    from serving.ingest import ingest_dataset
+
+    index = _open(run, uri)
+    try:
+        bits = run.config().lsch.bits
+        if any(index.count(b) < 2 * len(dataset) for b in bits):
+            ingest_dataset(run, index, dataset)
+    finally:
+        index.close()
+
+
+def _in_process(run: RunDir, uri: str, texts: list[str], images: list[bytes], concurrency: int) -> list[Timing]:
+    """The query path in this process: Pipeline codes, then CodeIndex search (as the Serve defaults ask)."""
+    import torch
+
+    from serving.pipeline import Pipeline
+
+    settings = run.config().serve
+    torch.set_num_threads(settings.torch_threads)  # as each Serve replica has
+    pipeline = Pipeline.load(run, settings.max_image_pixels, settings.max_text_chars)
+    bits = pipeline.hasher.bits[-1]
+    index = _open(run, uri)
+    try:
+        cases = [("text", texts, lambda text: index.search(bits, pipeline.text_codes([text], bits), K, modality="image")),
+                 ("image", images, lambda png: index.search(bits, pipeline.image_codes([png], bits), K, modality="text"))]
+        timings = []
+        for query, payloads, search in cases:
+            if not payloads:
+                continue
+            for payload in payloads[:WARMUP]:
+                search(payload)
+            for workers in dict.fromkeys((1, concurrency)):
+                timings.append(summarize("in-process", query, workers, *fire(search, payloads, workers)))
+        return timings
+    finally:
+        index.close()  # only one process may own a milvus-lite file
+
+
+def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes], concurrency: int, port: int) -> list[Timing]:
+    """The same queries over HTTP through the Serve app (one replica per deployment), sent from another process."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    settings = run.config()
+    settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"host": HOST, "port": port})})
+    one_replica = {"num_replicas": 1}
+    options = {name: one_replica for name in ("ImageEncoder", "TextEncoder", "Hasher", "Index", "Ingress")}
+    url = f"http://{HOST}:{port}"
+    cases = [("text", "/search/text", [{"json": {"text": text, "k": K}} for text in texts]),
+             ("image", "/search/image", [{"files": {"file": ("query.png", png)}, "data": {"k": K}} for png in images])]
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": HOST, "port": port})
+        serve.run(build_app(run.path, uri, settings, options), name="medhash", route_prefix="/")
+        timings = []
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as client:
+            for query, route, posts in cases:
+                if not posts:
+                    continue
+                client.submit(post_all, url + route, posts[:WARMUP], 1).result(timeout=600)
+                for workers in dict.fromkeys((1, concurrency)):
+                    measured = client.submit(post_all, url + route, posts, workers).result(timeout=3600)
+                    timings.append(summarize("Ray Serve", query, workers, *measured))
+        return timings
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def format_report(timings: list[Timing]) -> str:
+    """The timing table and the Serve / in-process ratios of each (query, concurrency)."""
+    lines = [
+        f"k={K}, longest code length, default directions (text -> images, image -> reports); "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
+        "",
+        "| path | query | concurrency | requests | errors | p50 ms | p99 ms | req/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {t.path} | {t.query} | {t.concurrency} | {t.requests} | {t.errors} | {t.p50_ms:.1f} | "
+              f"{t.p99_ms:.1f} | {t.requests_per_s:.1f} |" for t in timings]
+    lines += ["", "| query | concurrency | Serve p50 / in-process p50 | Serve req/s / in-process req/s |",
+              "|---|---:|---:|---:|"]
+    local = {(t.query, t.concurrency): t for t in timings if t.path == "in-process"}
+    for t in timings:
+        ref = local.get((t.query, t.concurrency))
+        if t.path == "Ray Serve" and ref:
+            lines.append(f"| {t.query} | {t.concurrency} | {t.p50_ms / ref.p50_ms:.2f} | "
+                         f"{t.requests_per_s / ref.requests_per_s:.2f} |")
+    return "\n".join(lines)
+
+
+def _png_bytes(path: Path) -> bytes:
+    """The image file as PNG bytes (PNG files as they are)."""
+    if path.suffix.lower() == ".png":
+        return path.read_bytes()
+    from services.data.images import load_image
+
+    buffer = io.BytesIO()
+    load_image(path).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _check_port_free(port: int) -> None:
+    from services.errors import ConfigError
+
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError as exc:
+            raise ConfigError(f"port {port} on {HOST} is in use ({exc.strerror}): pass another --port") from exc
