@@ -28,3 +28,14 @@ def medhash_cache(tmp_path_factory) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread (two threads crawl on a loaded 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

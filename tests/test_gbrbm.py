@@ -8,14 +8,7 @@ import torch
 
 from services.hashing import GBRBM, pretrain_gbrbm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_rbm(n_visible=5, n_hidden=4, seed=0) -> GBRBM:

@@ -16,19 +16,12 @@ from services.lsch import LSCHModel, alignment_loss, lsch_loss
 from services.lsch.losses import contrastive_loss, hard_negative_weights, manifold_similarity
 from services.metrics import hamming_metrics, label_relevance
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMAGE_DIM, TEXT_DIM = 24, 12
 FAST = dict(
     bits=(16, 32), n_virtual_tokens=4, m_img_tokens=2, m_txt_tokens=2, image_prompt="image:", text_prompt="report:"
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two threads crawl on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(**overrides) -> LSCHModel:
