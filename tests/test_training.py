@@ -104,6 +104,19 @@ def test_one_and_two_workers_reach_the_same_map(shared_data, tiny_features, ray_
     assert abs(maps[1] - maps[2]) < 0.06, maps
 
 
+@pytest.mark.real
+def test_tiny_config_with_the_real_gemma_trains_and_beats_random_codes(shared_data, ray_cluster, tmp_path):
+    """The shipped -tiny configuration as it is: real Gemma-3-270M (2 layers), real features, Ray Train."""
+    cfg = load_config(CONFIGS / "medpix2-lsch-tiny.yaml", data={"root": shared_data / "medpix2"})
+    assert cfg.llm.name == "gemma-3-270m"
+    features = build_featureset(cfg, progress=False)
+    train(cfg, tmp_path / "run", features)
+    results = evaluate_run(tmp_path / "run", tmp_path / "eval", features=features)
+    baseline = random_code_map(features, 32)
+    for direction in ("i2t", "t2i"):
+        assert results["bits"]["32"]["labels"][direction]["map@all"] > baseline + 0.08
+
+
 def _worker_pids() -> list[int]:
     """Process ids of the Ray Train workers of the cluster this test process started."""
     import psutil
