@@ -35,12 +35,6 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, rows: np.ndarray) -> "FeatureSet":
-        return replace(
-            self, ids=self.ids[rows], image=self.image[rows], text=self.text[rows], views=self.views[rows],
-            labels=self.labels[rows], splits=self.splits[rows], groups=self.groups[rows],
-        )
-
     def rows(self, *splits: str) -> np.ndarray:
         """Row indices of the items in any of ``splits``."""
         return np.flatnonzero(np.isin(self.splits, splits))
@@ -80,7 +74,8 @@ def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progres
         image_ids, [items[i].report for i in image_ids], text_encoder,
         FeatureCache.for_encoder(dataset.name, text_encoder, "report"), progress=progress,
     )
-    keep = [image_ids.index(i) for i in text_ids]
+    image_row = {item_id: r for r, item_id in enumerate(image_ids)}
+    keep = [image_row[i] for i in text_ids]
     image = image[keep]
     ids = text_ids
 

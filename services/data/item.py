@@ -51,13 +51,5 @@ class Dataset:
                 matrix[i, column[label]] = 1
         return matrix
 
-    def split_indices(self, *splits: str) -> np.ndarray:
-        """Indices of the items in any of ``splits``."""
-        return np.array([i for i, it in enumerate(self.items) if it.split in splits], dtype=np.int64)
-
-    def database_indices(self) -> np.ndarray:
-        """The retrieval database: every item not in the query split."""
-        return self.split_indices(*(s for s in SPLITS if s != "query"))
-
     def split_counts(self) -> Counter:
         return Counter(item.split for item in self.items)
