@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from services.config import load_config
@@ -40,14 +39,13 @@ def run_ablation(config: Path, bits: int, out: Path, root: Path | None = None) -
     for name, switches in VARIANTS.items():
         cfg = load_config(config, data={"root": root}, lsch={"bits": (bits,), **switches})
         run_path, eval_path = out / slug(name), out / slug(name) / "eval"
-        started = time.time()
         if not RunDir(run_path).is_complete():
             train(cfg, run_path, build_featureset(cfg, progress=False))
         results_file = eval_path / "results.json"
         results = (
             json.loads(results_file.read_text()) if results_file.is_file() else evaluate_run(run_path, eval_path)
         )
-        rows.append((name, results["bits"][str(bits)], RunDir(run_path).meta()["wall_time_s"], time.time() - started))
+        rows.append((name, results["bits"][str(bits)], RunDir(run_path).meta()["wall_time_s"]))
     table = ablation_table(rows, bits)
     (out / "ablation.md").write_text(table, encoding="utf-8")
     return table
@@ -58,7 +56,7 @@ def ablation_table(rows, bits: int) -> str:
     head = "| variant | " + " | ".join(f"{p} I2T | {p} T2I" for p in protocols) + " | pair R@10 I2T | pair R@10 T2I | train s |"
     lines = [f"MAP@all at {bits} bits (query split), pair protocol Recall@10", "", head,
              "|" + "---|" * (2 * len(protocols) + 4)]
-    for name, r, train_s, _ in rows:
+    for name, r, train_s in rows:
         cells = [f"{r[p][d]['map@all']:.3f}" for p in protocols for d in ("i2t", "t2i")]
         cells += [f"{r['pair'][d]['recall@10']:.3f}" for d in ("i2t", "t2i")]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {train_s:.0f} |")
