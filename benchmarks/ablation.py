@@ -1,10 +1,17 @@
-"""The LSCH ablation: each stage switched off in turn, same data, split, schedule and seed.
+"""LSCH studies: variants of one configuration trained and evaluated side by side.
 
-    python -m benchmarks.ablation --config training/configs/medpix2-lsch.yaml --bits 64 --out runs/ablation
+    python -m benchmarks.ablation --config training/configs/medpix2-lsch-ablation.yaml --bits 64 \\
+        --study stages --seeds 0,1,2 --out runs/ablation
 
-trains the full model and one variant per switch through the same Ray Train entry point, evaluates
-each by the three protocols and writes ``ablation.md`` (MAP@all I2T / T2I per protocol, pair R@10).
-Finished variants are skipped, so an interrupted study resumes.
+trains every variant of the study through the same Ray Train entry point (same data, split and
+schedule; one run per seed), evaluates each by the three protocols and writes ``<study>.md``
+(MAP@all I2T / T2I per protocol and pair R@10, mean +- std over the seeds).
+
+- ``stages``: the full model and each stage switched off in turn (method.md's ablation).
+- ``negatives``: which items the contrastive term may push apart, and the manifold weight alpha;
+  run it with ``--on dev`` (dev queries against train) to choose a setting without the queries.
+
+Finished runs are skipped, so an interrupted study resumes.
 """
 from __future__ import annotations
 
@@ -12,21 +19,30 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from services.config import load_config
 from services.featureset import build_featureset
 from services.run_dir import RunDir
 from training.evaluate import evaluate_run
 from training.trainer import train
 
-VARIANTS = {
-    "LSCH (full)": {},
-    "w/o augmentation": {"use_augmentation": False},
-    "w/o structured encoding": {"use_structured_encoding": False},
-    "w/o soft prompt": {"use_soft_prompt": False},
-    "w/o hard prompt": {"use_hard_prompt": False},
-    "w/o GBRBM (sign of linear)": {"use_gbrbm": False},
-    "w/o hard-negative mining": {"hard_negative_mining": False},
-    "w/o LLM (linear pooling)": {"use_llm": False},
+STUDIES = {
+    "stages": {
+        "LSCH (full)": {},
+        "w/o augmentation": {"use_augmentation": False},
+        "w/o structured encoding": {"use_structured_encoding": False},
+        "w/o soft prompt": {"use_soft_prompt": False},
+        "w/o hard prompt": {"use_hard_prompt": False},
+        "w/o GBRBM (sign of linear)": {"use_gbrbm": False},
+        "w/o hard-negative mining": {"hard_negative_mining": False},
+        "w/o LLM (linear pooling)": {"use_llm": False},
+    },
+    "negatives": {
+        f"{mask}, alpha {alpha}": {"false_negatives": mask, "alpha": alpha}
+        for mask in ("shared_label", "same_labels", "none")
+        for alpha in (0.5, 2.0)
+    },
 }
 
 
@@ -34,31 +50,51 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def run_ablation(config: Path, bits: int, out: Path, root: Path | None = None) -> str:
+def run_study(
+    config: Path, bits: int, out: Path, study: str = "stages", seeds=(0,), on: str = "query",
+    root: Path | None = None,
+) -> str:
+    """Train and evaluate every variant of ``study`` for each seed; return (and write) the table."""
     rows = []
-    for name, switches in VARIANTS.items():
-        cfg = load_config(config, data={"root": root}, lsch={"bits": (bits,), **switches})
-        run_path, eval_path = out / slug(name), out / slug(name) / "eval"
-        if not RunDir(run_path).is_complete():
-            train(cfg, run_path, build_featureset(cfg, progress=False))
-        results_file = eval_path / "results.json"
-        results = (
-            json.loads(results_file.read_text()) if results_file.is_file() else evaluate_run(run_path, eval_path)
-        )
-        rows.append((name, results["bits"][str(bits)], RunDir(run_path).meta()["wall_time_s"]))
-    table = ablation_table(rows, bits)
-    (out / "ablation.md").write_text(table, encoding="utf-8")
+    for name, switches in STUDIES[study].items():
+        per_seed = []
+        for seed in seeds:
+            cfg = load_config(config, data={"root": root}, lsch={"bits": (bits,), **switches}, train={"seed": seed})
+            run_path = out / slug(name) / f"seed{seed}"
+            eval_path = run_path / f"eval-{on}"
+            if not RunDir(run_path).is_complete():
+                train(cfg, run_path, build_featureset(cfg, progress=False))
+            results_file = eval_path / "results.json"
+            results = (
+                json.loads(results_file.read_text()) if results_file.is_file()
+                else evaluate_run(run_path, eval_path, on=on)
+            )
+            per_seed.append((results["bits"][str(bits)], RunDir(run_path).meta()["wall_time_s"]))
+        rows.append((name, per_seed))
+    table = study_table(rows, bits, on)
+    (out / f"{study}-{on}.md").write_text(table, encoding="utf-8")
     return table
 
 
-def ablation_table(rows, bits: int) -> str:
-    protocols = [p for p in rows[0][1] if p != "pair"]
+def study_table(rows, bits: int, on: str) -> str:
+    """Markdown: one row per variant, mean (+- std over seeds) of each headline metric."""
+    first = rows[0][1][0][0]
+    protocols = [p for p in first if p != "pair"]
+    metrics = [(p, d, "map@all") for p in protocols for d in ("i2t", "t2i")]
+    metrics += [("pair", d, "recall@10") for d in ("i2t", "t2i")]
+    n_seeds = len(rows[0][1])
     head = "| variant | " + " | ".join(f"{p} I2T | {p} T2I" for p in protocols) + " | pair R@10 I2T | pair R@10 T2I | train s |"
-    lines = [f"MAP@all at {bits} bits (query split), pair protocol Recall@10", "", head,
-             "|" + "---|" * (2 * len(protocols) + 4)]
-    for name, r, train_s in rows:
-        cells = [f"{r[p][d]['map@all']:.3f}" for p in protocols for d in ("i2t", "t2i")]
-        cells += [f"{r['pair'][d]['recall@10']:.3f}" for d in ("i2t", "t2i")]
+    lines = [
+        f"MAP@all at {bits} bits ({on} split queries), pair protocol Recall@10; "
+        f"mean{' +- std over ' + str(n_seeds) + ' seeds' if n_seeds > 1 else ''}",
+        "", head, "|" + "---|" * (len(metrics) + 2),
+    ]
+    for name, per_seed in rows:
+        cells = []
+        for p, d, m in metrics:
+            values = np.array([r[p][d][m] for r, _ in per_seed])
+            cells.append(f"{values.mean():.3f}" + (f" +- {values.std(ddof=1):.3f}" if n_seeds > 1 else ""))
+        train_s = np.mean([t for _, t in per_seed])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {train_s:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -67,10 +103,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--bits", type=int, default=64)
+    parser.add_argument("--study", choices=sorted(STUDIES), default="stages")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    parser.add_argument("--on", choices=("query", "dev"), default="query", help="dev: tune without the queries")
     parser.add_argument("--root", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    print(run_ablation(args.config, args.bits, args.out, args.root))
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    print(run_study(args.config, args.bits, args.out, args.study, seeds, args.on, args.root))
 
 
 if __name__ == "__main__":

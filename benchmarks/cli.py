@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import index_speed, serve_speed
+from benchmarks import index_speed, ingest_speed, serve_speed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="speed benchmarks (ratios measured in one run)")
     commands = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     index_speed.register(commands)
+    ingest_speed.register(commands)
     serve_speed.register(commands)

@@ -124,6 +124,9 @@ class LSCHConfig(Section):
     alpha: float = Field(0.5, ge=0)  # manifold-similarity weight (paper, small set, I2T)
     beta: float = Field(0.8, ge=0)  # quantisation + bit-balance weight (paper, small set, I2T)
     hard_negative_strength: float = Field(0.5, ge=0)  # beta_h of the negatives' weights exp(beta_h * logit)
+    # which items the contrastive term never pushes apart from item i (besides its own pair):
+    # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
+    false_negatives: Literal["shared_label", "same_labels", "none"] = "shared_label"
     knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
     manifold_label_weight: float = Field(0.8, ge=0, le=1)  # share of label cosine in S_ma where labels exist
     gbrbm_cd_k: int = Field(1, ge=1)  # Gibbs steps of CD-k pre-training

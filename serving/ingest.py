@@ -28,10 +28,22 @@ def index_features(cfg: MedhashConfig, dataset: Dataset, progress: bool = True) 
     }), dataset, progress=progress)
 
 
-def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, progress: bool = True) -> int:
-    """Upsert every item of ``dataset`` into ``index`` (a services.index.CodeIndex); returns the items indexed."""
+def item_records(items, modality: str, codes: np.ndarray) -> list:
+    """One services.index.IndexRecord per dataset item: its packed code of ``modality`` and its metadata."""
     from services.index import IndexRecord
 
+    return [
+        IndexRecord(
+            id=item.id, modality=modality, code=code.tobytes(), patient_id=item.patient_id, study_id=item.id,
+            labels=tuple(item.labels), view=item.view, snippet=item.report[:SNIPPET_CHARS],
+            image_ref=str(item.image_paths[0]),
+        )
+        for item, code in zip(items, codes)
+    ]
+
+
+def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, progress: bool = True) -> int:
+    """Upsert every item of ``dataset`` into ``index`` (a services.index.CodeIndex); returns the items indexed."""
     cfg, model = load_trained(run)
     features = index_features(cfg, dataset, progress)
     items = {item.id: item for item in dataset.items}
@@ -39,17 +51,9 @@ def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, 
     with tqdm(total=len(features), unit="item", desc=f"index {dataset.name}", disable=not progress) as bar:
         for start in range(0, len(features), batch_size):
             rows = np.arange(start, min(start + batch_size, len(features)))
+            batch = [items[i] for i in features.ids[rows]]
             v = embed(model, features.image[rows], features.text[rows])
             for bits in hasher.bits:
-                records = [
-                    IndexRecord(
-                        id=item.id, modality=modality, code=code.tobytes(), patient_id=item.patient_id,
-                        study_id=item.id, labels=tuple(item.labels), view=item.view,
-                        snippet=item.report[:SNIPPET_CHARS], image_ref=str(item.image_paths[0]),
-                    )
-                    for modality in ("image", "text")
-                    for item, code in zip((items[i] for i in features.ids[rows]), hasher(v[modality], bits))
-                ]
-                index.upsert(bits, records)
+                index.upsert(bits, [r for m in ("image", "text") for r in item_records(batch, m, hasher(v[m], bits))])
             bar.update(len(rows))
     return len(features)

@@ -13,7 +13,12 @@ from services.encoders.llm import tiny_causal_lm
 from services.errors import ConfigError, WeightsError
 from services.hashing.gbrbm import GBRBM
 from services.lsch import LSCHModel, alignment_loss, lsch_loss
-from services.lsch.losses import contrastive_loss, hard_negative_weights, manifold_similarity
+from services.lsch.losses import (
+    contrastive_loss,
+    false_negative_mask,
+    hard_negative_weights,
+    manifold_similarity,
+)
 from services.metrics import hamming_metrics, label_relevance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -188,6 +193,22 @@ def test_contrastive_loss_plain_infonce_masking_and_hard_negatives():
     hard = b.clone()
     hard[3] = a[0] + 0.05 * torch.randn(10, generator=g)
     assert contrastive_loss(a, hard, None, 0.2, 1.0) > contrastive_loss(a, hard, None, 0.2, 0.0)
+
+
+def test_false_negative_policies():
+    labels = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]]).float()
+    shared = false_negative_mask(labels, 5, "shared_label")
+    same = false_negative_mask(labels, 5, "same_labels")
+    assert shared[0, 1] and shared[0, 2] and not shared[0, 3] and not shared[4].any()
+    assert same[0, 1] and not same[0, 2] and not same[2, 0] and same[3, 3] and not same[4].any()
+    assert not false_negative_mask(labels, 5, "none").any()
+    assert not false_negative_mask(None, 5, "shared_label").any()
+    # "none" is plain InfoNCE even when every item shares a label
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    assert torch.isclose(
+        contrastive_loss(a, b, torch.ones(5, 1), 0.2, 0.0, "none"), contrastive_loss(a, b, None, 0.2, 0.0)
+    )
 
 
 def test_manifold_similarity_labels_and_knn():

@@ -366,3 +366,15 @@ def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_
     down = wait_for(lambda: text_replicas() == 1, 60)
     print(f"\nTextEncoder: 2 replicas {up:.1f} s into the load, back to 1 replica {down:.1f} s after it stopped")
     assert requests.post(f"{url}/search/text", json={"text": "chest"}, timeout=60).status_code == 200
+
+
+def test_ingest_speed_benchmark_indexes_every_item_and_reports_both_passes(tiny_run, dataset):
+    from benchmarks.ingest_speed import format_report, measure_ingest_speed
+
+    encoders, indexing = measure_ingest_speed(tiny_run, dataset, n_items=8, batch_size=4)
+    assert encoders.items == indexing.items == 8
+    assert set(encoders.stages) == {"read files", "encode"}
+    assert set(indexing.stages) == {"read files", "encode", "hash", "upsert"}
+    assert all(seconds > 0 for seconds in indexing.stages.values())
+    report = format_report(encoders, indexing, 4)
+    assert "| indexing |" in report and "Index throughput / encoders alone:" in report

@@ -21,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--root", type=Path, help="dataset folder, if it moved since training")
     evaluate.add_argument("--split-file", type=Path, help="CSV id,split: evaluate under another split")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for results.json, codes, plots")
+    evaluate.add_argument(
+        "--on", choices=("query", "dev"), default="query",
+        help="query: the held-out queries against train+dev (to publish); dev: dev against train (to tune)",
+    )
     evaluate.set_defaults(func=_eval)
 
 
@@ -42,6 +46,6 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_run, results_table
 
-    results = evaluate_run(args.run, args.out, args.split_file, root=args.root)
+    results = evaluate_run(args.run, args.out, args.split_file, root=args.root, on=args.on)
     print(results_table(results))
     return 0

@@ -25,9 +25,13 @@ log = logging.getLogger(__name__)
 
 def evaluate_run(
     run_path: Path, out: Path, split_file: Path | None = None, root: Path | None = None,
-    features: FeatureSet | None = None,
+    features: FeatureSet | None = None, on: str = "query",
 ) -> dict:
-    """Evaluate the run in ``run_path`` on its dataset (optionally another split or data location)."""
+    """Evaluate the run in ``run_path`` on its dataset (optionally another split or data location).
+
+    ``on`` "query" ranks the query split against the database (train + dev): the published numbers.
+    ``on`` "dev" ranks the dev split against train only, so settings can be tuned without the queries.
+    """
     run = RunDir(run_path)
     cfg = run.config()
     data_update = {k: v for k, v in {"split_file": split_file, "root": root}.items() if v is not None}
@@ -35,9 +39,12 @@ def evaluate_run(
     features = features or build_featureset(cfg)
     if list(features.label_names) != run.label_names():
         raise ConfigError(f"{run_path}: the dataset's label list differs from the one the run was trained on")
-    query, db = features.rows("query"), np.flatnonzero(features.splits != "query")
+    if on not in ("query", "dev"):
+        raise ConfigError(f"evaluate on 'query' or 'dev', not {on!r}")
+    query = features.rows(on)
+    db = np.flatnonzero(features.splits != "query") if on == "query" else features.rows("train")
     if not len(query):
-        raise ConfigError(f"{features.dataset}: the query split is empty")
+        raise ConfigError(f"{features.dataset}: the {on} split is empty")
 
     _, model = load_trained(run)
     v = embed(model, features.image, features.text)
@@ -48,6 +55,7 @@ def evaluate_run(
     )
     results: dict = {
         "dataset": features.dataset,
+        "on": on,
         "queries": int(len(query)),
         "database": int(len(db)),
         "references": reference_maps(

@@ -5,8 +5,8 @@ Per code length K, summed over the model's code lengths:
     L = contrastive(u^x, u^y) + alpha * manifold(u^x, u^y; S_ma) + beta * (quantisation + balance)
 
 - **contrastive** — symmetric InfoNCE over cosine(u^x_i, u^y_j) / tau, the pair (i, i) positive.
-  Items that share a label with i are not negatives (masked out), so same-class pairs are never
-  pushed apart. **Hard negative mining** re-weights the remaining negatives by their difficulty
+  Items that count as false negatives of i (``false_negatives``: any shared label, the identical
+  label set, or none) are masked out, so same-class pairs are not pushed apart. **Hard negative mining** re-weights the remaining negatives by their difficulty
   (Robinson et al. 2021): w_ij = N_i * softmax_j(strength * logit_ij) over i's N_i negatives, so
   the weights average 1 and the most similar negatives count most; strength 0 (ablation off) gives
   plain InfoNCE with the same false-negative masking.
@@ -28,11 +28,20 @@ from services.config import LSCHConfig
 from services.lsch.model import LSCHModel
 
 
-def shares_label(labels_a: torch.Tensor | None, labels_b: torch.Tensor | None, n_a: int, n_b: int) -> torch.Tensor:
-    """bool [n_a, n_b]: the two items have at least one label in common (unknown labels: never)."""
-    if labels_a is None or labels_b is None:
-        return torch.zeros(n_a, n_b, dtype=torch.bool)
-    return (labels_a.float() @ labels_b.float().T) > 0
+def false_negative_mask(labels: torch.Tensor | None, n: int, policy: str) -> torch.Tensor:
+    """bool [n, n]: pairs the contrastive term must not push apart, by ``policy``.
+
+    "shared_label": at least one label in common; "same_labels": the identical, non-empty label set;
+    "none": no pair. Items with unknown labels (None or a zero row) are never false negatives.
+    """
+    if labels is None or policy == "none":
+        return torch.zeros(n, n, dtype=torch.bool)
+    labels = labels.float()
+    shared = labels @ labels.T
+    if policy == "shared_label":
+        return shared > 0
+    counts = labels.sum(dim=1)
+    return (shared == counts[:, None]) & (shared == counts[None, :]) & (counts[:, None] > 0)
 
 
 def hard_negative_weights(logits: torch.Tensor, negatives: torch.Tensor, strength: float) -> torch.Tensor:
@@ -55,13 +64,18 @@ def _info_nce_rows(logits: torch.Tensor, negatives: torch.Tensor, strength: floa
 
 
 def contrastive_loss(
-    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None, tau: float, hard_negative_strength: float
+    a: torch.Tensor,
+    b: torch.Tensor,
+    labels: torch.Tensor | None,
+    tau: float,
+    hard_negative_strength: float,
+    false_negatives: str = "shared_label",
 ) -> torch.Tensor:
     """Symmetric InfoNCE between paired rows of ``a`` and ``b`` with label masking and hard-negative weights."""
     logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau
     n = len(logits)
-    same_label = shares_label(labels, labels, n, n).to(logits.device)
-    negatives = ~torch.eye(n, dtype=torch.bool, device=logits.device) & ~same_label
+    masked = false_negative_mask(labels, n, false_negatives).to(logits.device)
+    negatives = ~torch.eye(n, dtype=torch.bool, device=logits.device) & ~masked
     return 0.5 * (
         _info_nce_rows(logits, negatives, hard_negative_strength)
         + _info_nce_rows(logits.T, negatives.T, hard_negative_strength)
@@ -157,7 +171,9 @@ def hashing_loss(
     terms = {"contrastive": 0.0, "manifold": 0.0, "quantization": 0.0, "balance": 0.0}
     for bits in model.bits:
         ux, uy = 2 * model.hash_probs(vx, bits) - 1, 2 * model.hash_probs(vy, bits) - 1
-        terms["contrastive"] = terms["contrastive"] + contrastive_loss(ux, uy, labels, cfg.tau, strength)
+        terms["contrastive"] = terms["contrastive"] + contrastive_loss(
+            ux, uy, labels, cfg.tau, strength, cfg.false_negatives
+        )
         terms["manifold"] = terms["manifold"] + manifold_loss(ux, uy, similarity)
         terms["quantization"] = terms["quantization"] + 0.5 * (quantization_loss(ux) + quantization_loss(uy))
         terms["balance"] = terms["balance"] + 0.5 * (balance_loss(ux) + balance_loss(uy))
@@ -183,5 +199,5 @@ def embedding_alignment_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The contrastive loss on v^x, v^y themselves (heads untouched)."""
     strength = cfg.hard_negative_strength if cfg.hard_negative_mining else 0.0
-    loss = contrastive_loss(vx, vy, labels, cfg.tau, strength)
+    loss = contrastive_loss(vx, vy, labels, cfg.tau, strength, cfg.false_negatives)
     return loss, {"contrastive_v": float(loss.detach()), "total": float(loss.detach())}
