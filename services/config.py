@@ -178,6 +178,20 @@ class IndexConfig(Section):
     nprobe: int = Field(16, ge=1, le=65536)  # clusters searched per query (server only)
 
 
+class UIConfig(Section):
+    """The Gradio front end: where the search API is, who may log in, input limits."""
+
+    api_url: str = "http://127.0.0.1:8000"  # the serving HTTP API
+    api_token_env: str = "MEDHASH_API_TOKEN"  # bearer token for the API, when it requires one
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+    users: dict[str, str] = {}  # user -> password; prefer users_env outside demos
+    users_env: str = "MEDHASH_UI_USERS"  # environment variable of "user:password" pairs, comma-separated
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024)
+    max_k: int = Field(50, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+
 class MedhashConfig(Section):
     """The whole configuration."""
 
@@ -190,6 +204,7 @@ class MedhashConfig(Section):
     train: TrainConfig = TrainConfig()
     index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()
+    ui: UIConfig = UIConfig()
 
 
 def load_config(path: Path | str | None = None, **overrides: dict) -> MedhashConfig:

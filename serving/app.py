@@ -8,7 +8,7 @@
                        --->  Index         Milvus search / upsert (1 replica on a milvus-lite file)
 
 Routes: ``POST /search/image`` (multipart), ``POST /search/text`` (JSON), ``POST /ingest``,
-``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /healthz``, ``GET /metrics``, docs at ``/docs``.
+``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``GET /healthz``, ``GET /metrics``, docs at ``/docs``.
 Errors are JSON ``{"error": "..."}`` with a 4xx status; a bad request never touches the index.
 :func:`build_app` builds the application from a run directory; :func:`app_builder` is the
 ``import_path`` of a Serve config file (deploy/serve.yaml).
@@ -249,11 +249,12 @@ class Ingress:
         hasher: DeploymentHandle,
         index: DeploymentHandle,
         bits: tuple[int, ...],
+        label_names: list[str],
         cfg: ServeConfig,
         token: str | None,
     ):
         self.image_encoder, self.text_encoder, self.hasher, self.index = image_encoder, text_encoder, hasher, index
-        self.bits, self.cfg = tuple(sorted(bits)), cfg
+        self.bits, self.label_names, self.cfg = tuple(sorted(bits)), list(label_names), cfg
         self.image_store = Path(cfg.image_store or cache_root() / "serve-images")
         api.state.guard = Guard(token, cfg.max_request_bytes)
 
@@ -382,6 +383,10 @@ class Ingress:
         counts = {str(bits): await self.index.count.remote(bits) for bits in self.bits}
         return {"status": "ok", "bits": list(self.bits), "records": counts}
 
+    @api.get("/labels", summary="The label names results can carry and searches can filter on")
+    async def labels(self) -> dict:
+        return {"labels": self.label_names}
+
     @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
     async def metrics_text(self) -> Response:
         for bits in self.bits:
@@ -466,6 +471,7 @@ def build_app(
         configured(HasherDeployment, _options(cfg.hasher, cfg)).bind(path, cfg),
         configured(IndexDeployment, _options(cfg.index, cfg)).bind(index_cfg, bits),
         bits,
+        run.label_names(),
         cfg,
         auth_token(cfg),
     )

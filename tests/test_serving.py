@@ -274,6 +274,11 @@ def test_ingest_then_get_find_and_fetch_the_image(served, dataset):
     assert [(r["id"], r["distance"]) for r in answer] == [("upload-1", 0)]
 
 
+def test_labels_route_lists_the_runs_label_names(served, tiny_run):
+    labels = requests.get(f"{served['url']}/labels", timeout=30).json()["labels"]
+    assert labels == tiny_run.label_names() and "location:Head" in labels
+
+
 def test_metrics_are_prometheus_text_without_patient_data(served, dataset):
     text = requests.get(f"{served['url']}/metrics", timeout=30).text
     for needle in (

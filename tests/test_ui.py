@@ -1,0 +1,259 @@
+"""The Gradio front end: its handlers, then the whole system of `medhash demo` driven by a real browser,
+`gradio_client` and a real Prometheus server scraping the API."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from services.config import UIConfig
+from services.errors import ConfigError
+from ui.app import SearchApp, result_cards, users_from
+from ui.client import SearchClient
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts" / "ui"  # screenshots of the browser test, kept after the run
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+USER, PASSWORD = "radiologist", "test-password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited ({process.returncode}) while waiting for {what}")
+        try:
+            value = condition()
+            if value:
+                return value
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+# --- handlers, no service --------------------------------------------------------------------
+
+def test_users_come_from_config_and_environment(monkeypatch):
+    monkeypatch.setenv("MEDHASH_TEST_UI_USERS", "ann:pw1, bob:p:w2")
+    cfg = UIConfig(users={"carl": "pw3"}, users_env="MEDHASH_TEST_UI_USERS")
+    assert users_from(cfg) == [("ann", "pw1"), ("bob", "p:w2"), ("carl", "pw3")]
+    monkeypatch.setenv("MEDHASH_TEST_UI_USERS", "no-password")
+    with pytest.raises(ConfigError, match="user:password"):
+        users_from(cfg)
+
+
+def test_no_users_means_no_ui(monkeypatch):
+    monkeypatch.delenv("MEDHASH_TEST_UI_USERS", raising=False)
+    with pytest.raises(ConfigError, match="no open access"):
+        users_from(UIConfig(users_env="MEDHASH_TEST_UI_USERS"))
+
+
+def test_result_cards_show_every_field_and_escape_report_text():
+    results = [{"id": "case_1", "modality": "text", "distance": 3, "labels": ["location:Head"], "patient_id": "P7",
+                "study_id": "S9", "view": "Axial", "snippet": "<script>alert(1)</script> mass", "image_url": None}]
+    cards = result_cards(results, {})
+    assert "case_1" in cards and "Hamming distance 3" in cards and "location:Head" in cards
+    assert "patient P7" in cards and "study S9" in cards and "view Axial" in cards
+    assert "<script>" not in cards and "&lt;script&gt;alert(1)&lt;/script&gt; mass" in cards
+    assert "No results" in result_cards([], {})
+
+
+def test_an_unreachable_api_and_empty_inputs_get_clear_messages(tmp_path):
+    app = SearchApp(SearchClient(f"http://127.0.0.1:{free_port()}", timeout_s=5), UIConfig(max_upload_bytes=1024))
+    status, gallery, cards = app.search_text("pleural effusion", 10, "Images", [], "")
+    assert "not reachable" in status and gallery == [] and cards == ""
+    assert "Type a finding" in app.search_text("   ", 10, "Images", [], "")[0]
+    assert "Upload an image" in app.search_image(None, 10, "Reports", [], "")[0]
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 2048)
+    assert "larger than" in app.search_image(str(big), 10, "Reports", [], "")[0]
+
+
+# --- the whole system: `medhash demo` ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo(shared_data, tmp_path_factory):
+    """A tiny trained run, then `medhash demo` (index, Serve, UI) in a child process, as a user starts it."""
+    tmp = tmp_path_factory.mktemp("demo")
+    raw = yaml.safe_load((ROOT / "training" / "configs" / "medpix2-lsch-tiny.yaml").read_text())
+    raw["data"]["root"] = str(shared_data / "medpix2")
+    raw["llm"]["name"] = "tiny-random"
+    raw["train"].update(align_epochs=1, rbm_epochs=1, joint_epochs=1, limit_items=40)
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    subprocess.run([sys.executable, "-m", "services.cli", "train", "--config", str(tmp / "cfg.yaml"),
+                    "--out", str(tmp / "run")], check=True, timeout=900, capture_output=True)
+    api_port, ui_port = free_port(), free_port()
+    log = open(tmp / "demo.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "demo", "--run", str(tmp / "run"), "--limit", "60",
+         "--milvus-uri", str(tmp / "index.db"), "--api-port", str(api_port), "--port", str(ui_port)],
+        env={**os.environ, "MEDHASH_UI_USERS": f"{USER}:{PASSWORD}"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    system = {"api": f"http://127.0.0.1:{api_port}", "ui": f"http://127.0.0.1:{ui_port}", "process": process,
+              "log": tmp / "demo.log"}
+    try:
+        wait_for(lambda: requests.get(system["ui"], timeout=5).status_code == 200, 900, "the demo UI", process)
+        yield system
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(180)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,2000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def find_all(driver, css: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, css)
+
+
+def log_in(driver, url: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    login = WebDriverWait(driver, 120).until(
+        lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Login']"), "no login page")
+    driver.find_element(By.CSS_SELECTOR, "input[type=text]").send_keys(USER)
+    driver.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(password)
+    login[0].click()
+
+
+@pytest.mark.real
+def test_a_wrong_password_does_not_open_the_ui(demo, browser):
+    log_in(browser, demo["ui"], "wrong-password")
+    time.sleep(3)
+    assert not find_all(browser, "#image-upload") and find_all(browser, "input[type=password]")
+    assert requests.get(f"{demo['ui']}/config", timeout=10).status_code in (401, 403)  # nothing without a session
+
+
+@pytest.mark.real
+def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, browser, shared_data):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log_in(browser, demo["ui"], PASSWORD)
+    WebDriverWait(browser, 180).until(
+        lambda d: "Connected" in d.find_element(By.ID, "service-status").text, "the UI did not reach the API")
+
+    image = sorted((shared_data / "medpix2" / "images").glob("*.png"))[0]
+    find_all(browser, "#image-upload input[type=file]")[0].send_keys(str(image))
+    WebDriverWait(browser, 120).until(
+        lambda d: image.name in d.find_element(By.ID, "image-upload").text, "the upload did not show")
+    browser.find_element(By.ID, "image-search").click()
+    cards = WebDriverWait(browser, 300).until(
+        lambda d: find_all(d, "#image-results .medhash-card"), "no result cards for the image query")
+    assert len(cards) == 10 and "Hamming distance" in cards[0].text and "text" in cards[0].text
+    assert find_all(browser, "#image-results .medhash-card img")  # each report's study image as a thumbnail
+    browser.save_screenshot(str(ARTIFACTS / "image-search.png"))
+
+    next(t for t in find_all(browser, "button[role=tab]") if "findings" in t.text).click()
+    query = WebDriverWait(browser, 60).until(lambda d: find_all(d, "#text-query textarea"), "no findings box")[0]
+    query.send_keys("Axial CT of the chest: left lower lobe consolidation")
+    browser.find_element(By.ID, "text-search").click()
+    pictures = WebDriverWait(browser, 300).until(lambda d: find_all(d, "#text-gallery img"), "no gallery for the finding")
+    assert len(pictures) >= 5
+    assert "10 results" in browser.find_element(By.ID, "text-status").text
+    browser.save_screenshot(str(ARTIFACTS / "text-search.png"))
+
+
+@pytest.mark.real
+def test_gradio_client_searches_and_bad_input_leaves_the_service_working(demo, shared_data, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(demo["ui"] + "/", auth=(USER, PASSWORD), verbose=False)
+    status, gallery, cards = client.predict("pleural effusion", 5, "Both", [], "", api_name="/search_text")
+    assert status == "5 results" and cards.count('class="medhash-card"') == 5
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is not an image")
+    status, _, cards = client.predict(handle_file(str(not_an_image)), 5, "Reports", [], "", api_name="/search_image")
+    assert "refused the request (400)" in status and cards == ""
+
+    image = sorted((shared_data / "medpix2" / "images").glob("*.png"))[1]
+    status, _, cards = client.predict(handle_file(str(image)), 5, "Reports", [], "", api_name="/search_image")
+    assert status == "5 results" and cards.count('class="medhash-card"') == 5
+
+
+@pytest.mark.real
+def test_a_real_prometheus_scrapes_the_service(demo, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Debian prometheus is not installed (apt-get install prometheus)")
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    job = next(c for c in config["scrape_configs"] if c["job_name"] == "medhash")
+    job["static_configs"] = [{"targets": [demo["api"].removeprefix("http://")]}]
+    job["scrape_interval"] = "1s"
+    config["scrape_configs"] = [job]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert requests.post(f"{demo['api']}/search/text", json={"text": "hilar mass", "k": 3}, timeout=60).ok
+
+        def scraped():
+            answer = requests.get(f"http://127.0.0.1:{port}/api/v1/query", timeout=5,
+                                  params={"query": 'medhash_requests_total{route="/search/text",status="200"}'})
+            return answer.json()["data"]["result"]
+
+        series = wait_for(scraped, 120, "Prometheus to scrape medhash_requests_total", server)
+        assert float(series[0]["value"][1]) >= 1 and series[0]["metric"]["job"] == "medhash"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@pytest.mark.real
+def test_stopping_the_demo_stops_the_service(demo):
+    demo["process"].terminate()
+    assert demo["process"].wait(180) == 0
+
+    def api_down():
+        try:
+            requests.get(f"{demo['api']}/healthz", timeout=2)
+        except requests.ConnectionError:
+            return True
+        return False
+
+    wait_for(api_down, 120, "the API to stop")

@@ -1,0 +1,204 @@
+"""The clinician-facing Gradio app: search by image or by findings through the serving HTTP API.
+
+Two tabs share the same controls (k, what to return, label and view filters). An image query
+shows the most similar reports (and images); a findings query shows matching images in a gallery
+and every result as a card: thumbnail, Hamming distance, labels, report text, patient and study ids.
+The app holds no model and no index: everything goes through :class:`ui.client.SearchClient`.
+Nothing a user types or uploads is logged.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a hospital network
+
+import gradio as gr  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from services.config import UIConfig  # noqa: E402
+from services.errors import ConfigError  # noqa: E402
+from ui.client import ApiError, SearchClient, SearchQuery  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_PX = 160
+DIRECTIONS = {"Reports": "reports", "Images": "images", "Both": "both"}
+CSS = """
+.medhash-card {display: flex; gap: 12px; padding: 8px; border-bottom: 1px solid #ddd;}
+.medhash-card img {width: 120px; height: 120px; object-fit: contain; background: #000;}
+.medhash-card .meta {font-size: 0.85em; color: #555;}
+.medhash-card .label {display: inline-block; background: #eef; border-radius: 4px; padding: 0 4px; margin: 1px;}
+"""
+
+
+def users_from(cfg: UIConfig) -> list[tuple[str, str]]:
+    """(user, password) pairs from ``cfg.users`` and the ``cfg.users_env`` variable; ConfigError if none."""
+    users = dict(cfg.users)
+    for pair in filter(None, (p.strip() for p in os.environ.get(cfg.users_env, "").split(","))):
+        name, sep, password = pair.partition(":")
+        if not sep or not name or not password:
+            raise ConfigError(f"${cfg.users_env}: expected 'user:password' pairs separated by commas")
+        users[name] = password
+    if not users:
+        raise ConfigError(f"no UI users configured: set ${cfg.users_env}='user:password' (the UI has no open access)")
+    return sorted(users.items())
+
+
+def thumbnail(png: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return image
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def result_cards(results: list[dict], thumbnails: dict[str, Image.Image]) -> str:
+    """HTML, one card per result, every field escaped."""
+    if not results:
+        return "<p>No results: try fewer filters.</p>"
+    cards = []
+    for rank, r in enumerate(results, 1):
+        image = thumbnails.get(r["id"])
+        picture = f'<img src="{data_uri(image)}" alt="image of {html.escape(r["id"])}">' if image else ""
+        labels = "".join(f'<span class="label">{html.escape(label)}</span>' for label in r.get("labels", []))
+        cards.append(
+            f'<div class="medhash-card" data-id="{html.escape(r["id"])}">{picture}<div>'
+            f'<b>#{rank} {html.escape(r["id"])}</b> · {html.escape(r["modality"])} · Hamming distance {r["distance"]}'
+            f'<div class="meta">patient {html.escape(r.get("patient_id") or "-")} · study {html.escape(r.get("study_id") or "-")}'
+            f'{" · view " + html.escape(r["view"]) if r.get("view") else ""}</div>'
+            f"<div>{labels}</div><p>{html.escape(r.get('snippet') or '')}</p></div></div>"
+        )
+    return "\n".join(cards)
+
+
+class SearchApp:
+    """The handlers behind the Gradio components (plain functions of plain values, testable without a browser)."""
+
+    def __init__(self, client: SearchClient, cfg: UIConfig):
+        self.client, self.cfg = client, cfg
+
+    def _present(self, results: list[dict]) -> tuple[str, list, str]:
+        thumbnails = {}
+        for r in results:
+            if r.get("image_url") and r["id"] not in thumbnails:
+                try:
+                    thumbnails[r["id"]] = thumbnail(self.client.image(r["image_url"]))
+                except (ApiError, UnidentifiedImageError, OSError):
+                    pass  # the card shows without its picture
+        gallery = [
+            (thumbnails[r["id"]], f'{r["id"]} · d={r["distance"]}')
+            for r in results if r["modality"] == "image" and r["id"] in thumbnails
+        ]
+        status = f"{len(results)} results" if results else "No results"
+        return status, gallery, result_cards(results, thumbnails)
+
+    def _query(self, k, direction, labels, view) -> SearchQuery:
+        return SearchQuery(
+            k=max(1, min(int(k), self.cfg.max_k)), direction=DIRECTIONS.get(direction, "reports"),
+            labels=tuple(labels or ()), view=(view or "").strip(),
+        )
+
+    def search_image(self, path: str | None, k, direction, labels, view) -> tuple[str, list, str]:
+        if not path:
+            return "Upload an image first (PNG, JPEG or DICOM).", [], ""
+        file = Path(path)
+        if file.stat().st_size > self.cfg.max_upload_bytes:
+            return f"The image is larger than the {self.cfg.max_upload_bytes // 2**20} MB limit.", [], ""
+        return self._run(lambda q: self.client.search_image(file.read_bytes(), file.name, q), k, direction, labels, view)
+
+    def search_text(self, text: str | None, k, direction, labels, view) -> tuple[str, list, str]:
+        if not text or not text.strip():
+            return "Type a finding first, e.g. 'left lower lobe consolidation'.", [], ""
+        return self._run(lambda q: self.client.search_text(text, q), k, direction, labels, view)
+
+    def _run(self, search, k, direction, labels, view) -> tuple[str, list, str]:
+        try:
+            return self._present(search(self._query(k, direction, labels, view)))
+        except ApiError as exc:
+            return str(exc), [], ""
+        except Exception as exc:  # the page must always answer; the log gets the kind, never the input
+            log.error("search failed: %s", type(exc).__name__)
+            return "The search failed unexpectedly; please try again.", [], ""
+
+    def label_choices(self) -> tuple[dict, dict, str]:
+        """Label filter choices for both tabs, and the service status line."""
+        try:
+            labels = self.client.labels()
+            health = self.client.health()
+        except ApiError as exc:
+            return gr.update(choices=[]), gr.update(choices=[]), str(exc)
+        records = max(health.get("records", {"": 0}).values())
+        status = f"Connected: {records:,} records indexed per code length."
+        return gr.update(choices=labels), gr.update(choices=labels), status
+
+
+def _shown(handler):
+    """``handler`` with its gallery hidden when it has no images (a reports-only answer)."""
+
+    def run(*inputs):
+        status, gallery, cards = handler(*inputs)
+        return status, gr.update(value=gallery, visible=bool(gallery)), cards
+
+    return run
+
+
+def _controls(default_direction: str, cfg: UIConfig):
+    with gr.Row():
+        k = gr.Slider(1, cfg.max_k, value=min(10, cfg.max_k), step=1, label="Results (k)")
+        direction = gr.Radio(list(DIRECTIONS), value=default_direction, label="Return")
+    with gr.Row():
+        labels = gr.Dropdown([], multiselect=True, label="Every result must carry these labels")
+        view = gr.Textbox(label="View (e.g. PA, axial)", max_lines=1)
+    return k, direction, labels, view
+
+
+def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
+    """The Gradio Blocks of the app, wired to the API at ``cfg.api_url``."""
+    app = SearchApp(SearchClient(cfg.api_url, token, cfg.request_timeout_s), cfg)
+    with gr.Blocks(title="medhash: medical image and report search", analytics_enabled=False) as blocks:
+        gr.Markdown("# medhash\nSearch medical images and radiology reports by similarity (binary codes, Hamming distance).")
+        service = gr.Markdown(elem_id="service-status")
+        with gr.Tab("Search by image"):
+            upload = gr.File(label="Query image (PNG, JPEG or DICOM)", file_types=[".png", ".jpg", ".jpeg", ".dcm"],
+                             type="filepath", elem_id="image-upload")
+            image_controls = _controls("Reports", cfg)
+            image_button = gr.Button("Search", variant="primary", elem_id="image-search")
+            image_status = gr.Markdown(elem_id="image-status")
+            image_gallery = gr.Gallery(label="Similar images", columns=5, height="auto", elem_id="image-gallery",
+                                       visible=False)
+            image_cards = gr.HTML(elem_id="image-results")
+        with gr.Tab("Search by findings"):
+            text = gr.Textbox(label="Findings", placeholder="left lower lobe consolidation", lines=3, elem_id="text-query")
+            text_controls = _controls("Images", cfg)
+            text_button = gr.Button("Search", variant="primary", elem_id="text-search")
+            text_status = gr.Markdown(elem_id="text-status")
+            text_gallery = gr.Gallery(label="Matching images", columns=5, height="auto", elem_id="text-gallery",
+                                      visible=False)
+            text_cards = gr.HTML(elem_id="text-results")
+        image_outputs, text_outputs = [image_status, image_gallery, image_cards], [text_status, text_gallery, text_cards]
+        image_button.click(_shown(app.search_image), [upload, *image_controls], image_outputs, api_name="search_image")
+        text_button.click(_shown(app.search_text), [text, *text_controls], text_outputs, api_name="search_text")
+        text.submit(_shown(app.search_text), [text, *text_controls], text_outputs, api_name=False)
+        blocks.load(app.label_choices, None, [image_controls[2], text_controls[2], service], api_name=False)
+    return blocks
+
+
+def launch(cfg: UIConfig, token: str | None = None, open_browser: bool = False, block: bool = True) -> gr.Blocks:
+    """Serve the app on ``cfg.host:cfg.port`` behind a login; returns the running Blocks."""
+    users = users_from(cfg)
+    blocks = build_ui(cfg, token)
+    blocks.launch(
+        server_name=cfg.host, server_port=cfg.port, auth=users, auth_message="medhash: sign in to search",
+        max_file_size=cfg.max_upload_bytes, inbrowser=open_browser, prevent_thread_lock=not block,
+        show_error=False, quiet=True, css=CSS,
+    )
+    return blocks
