@@ -9,7 +9,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 
 - ``stages``: the full model and each stage switched off in turn (method.md's ablation).
 - ``negatives``: which items the contrastive term may push apart, and the manifold weight alpha;
-  run it with ``--on dev`` (dev queries against train) to choose a setting without the queries.
+- ``classification``: the label-classification constraint on the codes (gamma) with alpha;
+  run these two with ``--on dev`` (dev queries against train) to choose a setting without the queries.
 
 Finished runs are skipped, so an interrupted study resumes.
 """
@@ -42,6 +43,9 @@ STUDIES = {
         f"{mask}, alpha {alpha}": {"false_negatives": mask, "alpha": alpha}
         for mask in ("shared_label", "same_labels", "none")
         for alpha in (0.5, 2.0)
+    },
+    "classification": {  # compare with the "negatives" study's shared_label rows (gamma 0)
+        f"alpha 2.0, gamma {gamma}": {"alpha": 2.0, "classification_weight": gamma} for gamma in (1.0, 5.0)
     },
 }
 

@@ -127,6 +127,7 @@ class LSCHConfig(Section):
     # which items the contrastive term never pushes apart from item i (besides its own pair):
     # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
     false_negatives: Literal["shared_label", "same_labels", "none"] = "shared_label"
+    classification_weight: float = Field(0.0, ge=0)  # gamma: codes linearly predict the labels (0: off)
     knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
     manifold_label_weight: float = Field(0.8, ge=0, le=1)  # share of label cosine in S_ma where labels exist
     gbrbm_cd_k: int = Field(1, ge=1)  # Gibbs steps of CD-k pre-training

@@ -100,6 +100,23 @@ def test_each_ablation_builds_and_backpropagates(switch):
             model.gbrbm_pretrain_loss(model.embed_image(z))
 
 
+def test_classification_constraint_trains_label_classifiers_on_the_codes():
+    torch.manual_seed(0)
+    cfg = LSCHConfig(**FAST, classification_weight=1.0, use_llm=False)
+    model = LSCHModel(cfg, IMAGE_DIM, TEXT_DIM, n_labels=4)
+    assert set(model.classifiers) == {"16", "32"} and model.classifiers["16"].in_features == 16
+    z, t, labels = batch()
+    labels[0] = 0  # an item without labels takes no part in the term
+    loss, parts = lsch_loss(model, z, t, labels, cfg)
+    loss.backward()
+    assert parts["classification"] > 0 and model.classifiers["32"].weight.grad.abs().sum() > 0
+    without = LSCHModel(cfg.model_copy(update={"classification_weight": 0.0}), IMAGE_DIM, TEXT_DIM, n_labels=4)
+    assert not without.classifiers and "classification" not in lsch_loss(without, z, t, labels, without.cfg)[1]
+    assert set(model.state_dict_trainable()) - set(without.state_dict_trainable()) == {
+        f"classifiers.{b}.{w}" for b in (16, 32) for w in ("weight", "bias")
+    }
+
+
 def test_cached_prefix_equals_the_full_sequence():
     """The shared-prefix KV cache must give the same v and soft-prompt gradient as one long sequence."""
     for pooling in ("mean", "last"):

@@ -55,7 +55,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     device = ray.train.torch.get_device()  # a GPU when the worker has one
-    model = build_lsch(cfg, data.image.shape[1], data.text.shape[1]).to(device)
+    model = build_lsch(cfg, data.image.shape[1], data.text.shape[1], data.labels.shape[1]).to(device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     state = _restore(model, optimizer)
     stages = schedule(cfg)

@@ -15,6 +15,9 @@ Per code length K, summed over the model's code lengths:
   labels are unknown); code inner products u_i . u_j / K, mapped to [0, 1], regress onto S_ma
   across modalities plus, at half weight each, within each modality.
 - **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
+- **classification** (weight gamma, ``classification_weight``; off by default): a linear classifier
+  per code length predicts each item's labels from u^x and u^y (binary cross-entropy over items with
+  labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes.
 
 Defaults alpha = 0.5, beta = 0.8 are the paper's small-set I2T pair; our terms are not the paper's
 (unpublished) ones, so they are a starting point, not a reproduction.
@@ -140,6 +143,18 @@ def balance_loss(u: torch.Tensor) -> torch.Tensor:
     return u.mean(dim=0).pow(2).mean()
 
 
+def classification_loss(
+    classifier: torch.nn.Module, ux: torch.Tensor, uy: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean BCE of ``classifier(u)`` against the multi-hot labels, both modalities, rows with labels only."""
+    rows = labels.sum(dim=1) > 0
+    target = labels[rows].float()
+    return 0.5 * (
+        F.binary_cross_entropy_with_logits(classifier(ux[rows]), target)
+        + F.binary_cross_entropy_with_logits(classifier(uy[rows]), target)
+    )
+
+
 def lsch_loss(
     model: LSCHModel, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, cfg: LSCHConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -169,6 +184,9 @@ def hashing_loss(
         labels, labels, pair_feats, pair_feats, cfg.knn_k, cfg.manifold_label_weight
     ).to(vx.device)
     terms = {"contrastive": 0.0, "manifold": 0.0, "quantization": 0.0, "balance": 0.0}
+    if model.classifiers:
+        terms["classification"] = 0.0
+    known = labels is not None and bool(model.classifiers) and bool((labels.sum(dim=1) > 0).any())
     for bits in model.bits:
         ux, uy = 2 * model.hash_probs(vx, bits) - 1, 2 * model.hash_probs(vy, bits) - 1
         terms["contrastive"] = terms["contrastive"] + contrastive_loss(
@@ -177,12 +195,17 @@ def hashing_loss(
         terms["manifold"] = terms["manifold"] + manifold_loss(ux, uy, similarity)
         terms["quantization"] = terms["quantization"] + 0.5 * (quantization_loss(ux) + quantization_loss(uy))
         terms["balance"] = terms["balance"] + 0.5 * (balance_loss(ux) + balance_loss(uy))
+        if known:
+            terms["classification"] = terms["classification"] + classification_loss(
+                model.classifiers[str(bits)], ux, uy, labels
+            )
     total = (
         terms["contrastive"]
         + cfg.alpha * terms["manifold"]
         + cfg.beta * (terms["quantization"] + terms["balance"])
+        + cfg.classification_weight * terms.get("classification", 0.0)
     )
-    parts = {name: float(value.detach()) for name, value in terms.items()}
+    parts = {name: float(value) for name, value in terms.items()}
     parts["total"] = float(total.detach())
     return total, parts
 

@@ -71,8 +71,13 @@ class LSCHModel(nn.Module):
         text_dim: int,
         llm: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        n_labels: int = 0,
     ) -> None:
-        """``llm`` and ``tokenizer`` are needed when ``cfg.use_llm``; the LLM is frozen in place."""
+        """``llm`` and ``tokenizer`` are needed when ``cfg.use_llm``; the LLM is frozen in place.
+
+        With ``cfg.classification_weight`` > 0 and ``n_labels`` labels, each code length gets a linear
+        label classifier on its relaxed codes (a training-time constraint; codes never depend on it).
+        """
         super().__init__()
         self.cfg = cfg
         self.bits = tuple(cfg.bits)
@@ -105,6 +110,9 @@ class LSCHModel(nn.Module):
         self.visible_norm = nn.LayerNorm(dim)
         self.heads = nn.ModuleDict(
             {str(b): GBRBM(dim, b) if cfg.use_gbrbm else nn.Linear(dim, b) for b in self.bits}
+        )
+        self.classifiers = nn.ModuleDict(
+            {str(b): nn.Linear(b, n_labels) for b in self.bits} if cfg.classification_weight > 0 and n_labels else {}
         )
 
     def _pool(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:

@@ -12,8 +12,9 @@ from services.run_dir import RunDir
 TINY_RANDOM_LLM = "tiny-random"  # llm.name for fast tests: a tiny random Gemma3, no weights read
 
 
-def build_lsch(cfg: MedhashConfig, image_dim: int, text_dim: int) -> LSCHModel:
-    """The LSCH model of ``cfg`` with its frozen LLM loaded (when ``lsch.use_llm``)."""
+def build_lsch(cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int = 0) -> LSCHModel:
+    """The LSCH model of ``cfg`` with its frozen LLM loaded (when ``lsch.use_llm``); ``n_labels`` sizes
+    the label classifiers of ``lsch.classification_weight``."""
     from services.encoders.llm import load_causal_lm, tiny_causal_lm
 
     llm = tokenizer = None
@@ -22,13 +23,13 @@ def build_lsch(cfg: MedhashConfig, image_dim: int, text_dim: int) -> LSCHModel:
             llm, tokenizer = tiny_causal_lm(num_layers=cfg.llm.num_layers or 2)
         else:
             llm, tokenizer = load_causal_lm(cfg.llm)
-    return LSCHModel(cfg.lsch, image_dim, text_dim, llm, tokenizer)
+    return LSCHModel(cfg.lsch, image_dim, text_dim, llm, tokenizer, n_labels)
 
 
 def load_trained(run: RunDir) -> tuple[MedhashConfig, LSCHModel]:
     """The configuration and the trained model (eval mode) of a finished run directory."""
     cfg, meta = run.config(), run.meta()
-    model = build_lsch(cfg, meta["image_dim"], meta["text_dim"])
+    model = build_lsch(cfg, meta["image_dim"], meta["text_dim"], len(run.label_names()))
     model.load_state_dict_trainable(run.weights())
     return cfg, model.eval()
 
