@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -194,7 +194,12 @@ class UIConfig(Section):
 
 
 class MedhashConfig(Section):
-    """The whole configuration."""
+    """The whole configuration. ``method`` names the hashing method (services.methods); ``lsch`` and
+    ``train`` hold LSCH's settings and the shared schedule (``lsch.bits`` are every method's code lengths),
+    ``method_params`` another method's own hyper-parameters (validated by that method)."""
+
+    method: str = "lsch"
+    method_params: dict[str, Any] = {}
 
     data: DataConfig = DataConfig()
     image_backbone: ImageBackboneConfig = ImageBackboneConfig()

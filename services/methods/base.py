@@ -1,0 +1,99 @@
+"""The interface every hashing method implements, so one training loop, evaluation and service run them all.
+
+A method is a :class:`HashModel` subclass registered in :data:`services.methods.METHODS`. It maps frozen
+backbone features to float embeddings (``embed_image`` / ``embed_text``, the "float" rows of the
+results) and those to binary codes at each code length (``hash_probs`` > 0.5). Training is a list of
+stages, one per epoch (``schedule``); each step gets a global batch and returns the loss
+(``batch_loss``). A method without gradient training (e.g. CCA-ITQ) has the single stage ``"fit"``
+and implements ``fit`` on the whole train split instead.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from services.config import MedhashConfig, Section
+from services.errors import ConfigError, WeightsError
+
+FIT = "fit"  # the stage of closed-form methods
+
+
+@dataclass
+class Batch:
+    """One global training batch, the same on every worker.
+
+    ``z`` image features [B, image_dim], ``t`` text features [B, text_dim] (the report or an
+    augmented view of it), ``labels`` multi-hot float [B, C] (all-zero rows: unknown).
+    Data-parallel methods may embed only ``z[local]`` / ``t[local]`` on this worker and ``gather``
+    the results (differentiably) into the global batch; a method may also ignore both and compute
+    on the whole batch: every worker then takes the same step.
+    """
+
+    z: Tensor
+    t: Tensor
+    labels: Tensor
+    local: slice
+    gather: Callable[[Tensor], Tensor]
+
+
+class HashModel(nn.Module):
+    """Base of every method's model. Subclasses set ``self.bits`` and implement the abstract methods."""
+
+    Params: type[Section] = Section  # the method's hyper-parameters (config ``method_params``), paper defaults
+    paper: str = ""  # the publication this method re-implements
+
+    def __init__(self, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bits = tuple(sorted(cfg.lsch.bits))
+        self.params = self.Params.model_validate(cfg.method_params)
+
+    # --- inference -----------------------------------------------------------------------------
+    def embed_image(self, z: Tensor) -> Tensor:
+        """Float embedding [B, d] of image features."""
+        raise NotImplementedError
+
+    def embed_text(self, t: Tensor) -> Tensor:
+        """Float embedding [B, d] of text features."""
+        raise NotImplementedError
+
+    def hash_probs(self, v: Tensor, bits: int) -> Tensor:
+        """p(bit = 1) [B, bits] of embeddings ``v``; the code is ``hash_probs > 0.5``."""
+        raise NotImplementedError
+
+    def codes(self, v: Tensor, bits: int) -> Tensor:
+        """Binary codes, bool [B, bits]."""
+        if bits not in self.bits:
+            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
+        with torch.no_grad():
+            return self.hash_probs(v, bits) > 0.5
+
+    # --- training ------------------------------------------------------------------------------
+    def schedule(self, cfg: MedhashConfig) -> list[str]:
+        """The stage of every epoch (default: ``train.joint_epochs`` epochs of stage "joint")."""
+        return ["joint"] * cfg.train.joint_epochs
+
+    def batch_loss(self, stage: str, batch: Batch, cfg: MedhashConfig) -> tuple[Tensor, dict[str, float]]:
+        """The loss of one global batch in ``stage`` and its named parts (floats, for the history)."""
+        raise NotImplementedError
+
+    def fit(self, z: Tensor, t: Tensor, labels: Tensor) -> None:
+        """Closed-form training on the whole train split (methods whose schedule is ``["fit"]``)."""
+        raise NotImplementedError
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def state_dict_trainable(self) -> dict[str, Tensor]:
+        """What a run directory stores (everything, unless a method holds frozen pretrained weights)."""
+        return {name: tensor.detach() for name, tensor in self.state_dict().items()}
+
+    def load_state_dict_trainable(self, state: dict[str, Tensor]) -> None:
+        expected = self.state_dict_trainable()
+        if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in expected):
+            raise WeightsError(f"{type(self).__name__} weights do not match this configuration")
+        self.load_state_dict(state, strict=False)
