@@ -53,7 +53,7 @@ def _set_threads(threads: int) -> None:
 
 
 def _load_model(run_path: str):
-    from services.lsch.pipeline import load_trained
+    from services.methods import load_trained
 
     return load_trained(RunDir(run_path))
 

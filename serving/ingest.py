@@ -14,7 +14,7 @@ from serving.pipeline import Hasher
 from services.config import MedhashConfig
 from services.data.item import Dataset
 from services.featureset import FeatureSet, build_featureset
-from services.lsch.pipeline import embed, load_trained
+from services.methods import embed, load_trained
 from services.run_dir import RunDir
 
 SNIPPET_CHARS = 300

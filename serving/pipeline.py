@@ -15,15 +15,14 @@ from services.codes import pack_codes
 from services.config import MedhashConfig
 from services.data.images import MAX_PIXELS, decode_image
 from services.errors import ConfigError, DataError
-from services.lsch.model import LSCHModel
-from services.lsch.pipeline import load_trained
+from services.methods import load_trained
 from services.run_dir import RunDir
 
 
 class ImageEmbedder:
     """Image bytes -> v^x: decode, the run's image backbone, the LSCH image branch."""
 
-    def __init__(self, cfg: MedhashConfig, model: LSCHModel, max_pixels: int = MAX_PIXELS):
+    def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_pixels: int = MAX_PIXELS):
         from services.encoders.image import build_image_encoder
 
         self.encoder = build_image_encoder(cfg.image_backbone).eval()
@@ -48,7 +47,7 @@ class ImageEmbedder:
 class TextEmbedder:
     """Report text -> v^y: the run's text encoder, the LSCH text branch."""
 
-    def __init__(self, cfg: MedhashConfig, model: LSCHModel, max_chars: int = 20_000):
+    def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_chars: int = 20_000):
         from services.encoders.text import build_text_encoder
 
         self.encoder = build_text_encoder(cfg.text_backbone).eval()
@@ -77,7 +76,7 @@ class TextEmbedder:
 class Hasher:
     """v -> packed codes (np.packbits rows) through the run's GBRBM heads, one per code length."""
 
-    def __init__(self, model: LSCHModel):
+    def __init__(self, model: torch.nn.Module):
         self.model = model
         self.bits = tuple(sorted(model.bits))
 

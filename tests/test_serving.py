@@ -25,7 +25,7 @@ from services.codes import hamming_distances
 from services.config import DeploymentResources, ServeConfig, load_config
 from services.data import open_dataset
 from services.featureset import build_featureset, limit_per_split
-from services.lsch.pipeline import embed
+from services.methods import embed
 
 pytestmark = pytest.mark.real
 

@@ -16,7 +16,7 @@ from services.codes import hamming_distances, save_codes_npz
 from services.errors import ConfigError
 from services.evaluation import evaluate, reference_maps
 from services.featureset import FeatureSet, build_featureset
-from services.lsch.pipeline import embed, hash_codes, load_trained
+from services.methods import embed, hash_codes, load_trained
 from services.metrics import pr_curve_by_radius, protocol_relevance
 from services.run_dir import RunDir
 

@@ -1,7 +1,9 @@
-"""The Ray Train worker loop for LSCH: align (A), pre-train the GBRBM heads (B), fine-tune jointly (C).
+"""The Ray Train worker loop of every hashing method (LSCH: align, GBRBM pre-training, joint fine-tuning).
 
-Every worker holds the same model (same seed) and a shard of each epoch's batches; gradients are
-averaged across workers after each backward pass, so 1 or N workers follow the same schedule.
+The method's model says which stage each epoch runs (``schedule``) and scores each global batch
+(``batch_loss``); a closed-form method has the one stage "fit" on the whole train split. Every
+worker holds the same model (same seed) and draws the same global batches; gradients are averaged
+across workers after each backward pass, so 1 or N workers follow the same schedule.
 Rank 0 scores each epoch on the dev split and writes the checkpoint: the latest state (to resume)
 and the best state on dev (the model a run publishes). The query split is never looked at.
 """
@@ -20,17 +22,10 @@ import torch.distributed as dist
 from services.config import MedhashConfig
 from services.evaluation import evaluate
 from services.featureset import FeatureSet
-from services.lsch import LSCHModel
-from services.lsch.losses import embedding_alignment_loss, hashing_loss, pair_features
-from services.lsch.pipeline import build_lsch, embed, hash_codes
+from services.methods import build_model, embed, hash_codes
+from services.methods.base import FIT, Batch
 
 STATE_FILE = "state.pt"
-
-
-def schedule(cfg: MedhashConfig) -> list[str]:
-    """The stage of every epoch; stage B only exists with GBRBM heads."""
-    rbm_epochs = cfg.train.rbm_epochs if cfg.lsch.use_gbrbm else 0
-    return ["align"] * cfg.train.align_epochs + ["rbm"] * rbm_epochs + ["joint"] * cfg.train.joint_epochs
 
 
 @dataclass
@@ -55,16 +50,22 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     device = ray.train.torch.get_device()  # a GPU when the worker has one
-    model = build_lsch(cfg, data.image.shape[1], data.text.shape[1], data.labels.shape[1]).to(device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model = build_model(cfg, data.image.shape[1], data.text.shape[1], data.labels.shape[1]).to(device)
+    parameters = model.trainable_parameters()
+    optimizer = (
+        torch.optim.AdamW(parameters, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if parameters else None
+    )
     state = _restore(model, optimizer)
-    stages = schedule(cfg)
+    stages = model.schedule(cfg)
     train_rows, dev_rows = data.rows("train"), data.rows("dev")
 
     for epoch in range(state.epoch, len(stages)):
         stage = stages[epoch]
         rng = np.random.default_rng(cfg.train.seed * 1000 + epoch)
-        losses = _run_epoch(model, optimizer, data, rng.permutation(train_rows), stage, cfg, rng, rank, world)
+        if stage == FIT:
+            losses = _fit(model, data, train_rows, device)
+        else:
+            losses = _run_epoch(model, optimizer, data, rng.permutation(train_rows), stage, cfg, rng, rank, world)
         record = {"epoch": epoch, "stage": stage, **losses}
         if rank == 0:
             record["dev_map"] = dev_score(model, data, train_rows, dev_rows, stage, cfg)
@@ -81,8 +82,8 @@ def train_loop(config: dict) -> None:
 def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> dict[str, float]:
     """One pass over the shuffled train rows; returns the mean of each loss term.
 
-    Every worker draws the same global batches and augmented views; each embeds its share, the
-    embeddings are gathered, and every worker scores the whole global batch. With gradients
+    Every worker draws the same global batches and augmented views; the model may embed only this
+    worker's share and gather the embeddings (see services.methods.base.Batch). With gradients
     averaged afterwards, N workers take exactly the step one worker would.
     """
     batch = cfg.train.batch_size
@@ -90,27 +91,21 @@ def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> d
     if cfg.train.max_steps_per_epoch:
         batches = batches[: cfg.train.max_steps_per_epoch]
     sums: dict[str, float] = {}
+    device = next(iter(model.state_dict().values())).device
     for rows in batches:
         rows = rows[: len(rows) - len(rows) % world]
         text = _text_views(data, rows, cfg, rng)
         # the global batch in the order the gathered shards come back: rank 0's rows, rank 1's, ...
         shards = [np.arange(r, len(rows), world) for r in range(world)]
         rows, text = rows[np.concatenate(shards)], text[np.concatenate(shards)]
-        mine = slice(rank * len(shards[0]), (rank + 1) * len(shards[0]))
-        device = next(model.parameters()).device
-        z, t = torch.from_numpy(data.image[rows]).to(device), torch.from_numpy(text).to(device)
-        labels = torch.from_numpy(data.labels[rows].astype(np.float32)).to(device)
-        if stage == "rbm":
-            with torch.no_grad():
-                v = torch.cat([model.embed_image(z[mine]), model.embed_text(t[mine])])
-            loss, parts = _rbm_loss(model, v)
-        else:
-            vx = _gather_rows(model.embed_image(z[mine]), world)
-            vy = _gather_rows(model.embed_text(t[mine]), world)
-            if stage == "align":
-                loss, parts = embedding_alignment_loss(vx, vy, labels, cfg.lsch)
-            else:
-                loss, parts = hashing_loss(model, vx, vy, pair_features(z, t), labels, cfg.lsch)
+        global_batch = Batch(
+            z=torch.from_numpy(data.image[rows]).to(device),
+            t=torch.from_numpy(text).to(device),
+            labels=torch.from_numpy(data.labels[rows].astype(np.float32)).to(device),
+            local=slice(rank * len(shards[0]), (rank + 1) * len(shards[0])),
+            gather=lambda local: _gather_rows(local, world),
+        )
+        loss, parts = model.batch_loss(stage, global_batch, cfg)
         optimizer.zero_grad()
         loss.backward()
         _average_gradients(model, world)
@@ -118,6 +113,16 @@ def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> d
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value / len(batches)
     return {f"loss_{k}": v for k, v in sums.items()}
+
+
+def _fit(model, data: FeatureSet, rows: np.ndarray, device) -> dict[str, float]:
+    """Closed-form training on every train row (each worker computes the same fit)."""
+    model.fit(
+        torch.from_numpy(data.image[rows]).to(device),
+        torch.from_numpy(data.text[rows]).to(device),
+        torch.from_numpy(data.labels[rows].astype(np.float32)).to(device),
+    )
+    return {}
 
 
 class _GatherRows(torch.autograd.Function):
@@ -152,15 +157,7 @@ def _text_views(data: FeatureSet, rows: np.ndarray, cfg: MedhashConfig, rng: np.
     return text
 
 
-def _rbm_loss(model: LSCHModel, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    loss = model.gbrbm_pretrain_loss(v)
-    with torch.no_grad():
-        visible = model.visible(v)
-        error = np.mean([float(model.heads[str(b)].reconstruction_error(visible)) for b in model.bits])
-    return loss, {"cd": loss.item(), "reconstruction": error, "total": loss.item()}
-
-
-def _average_gradients(model: LSCHModel, world: int) -> None:
+def _average_gradients(model, world: int) -> None:
     if world == 1:
         return
     for p in model.trainable_parameters():
@@ -173,11 +170,12 @@ def _average_gradients(model: LSCHModel, world: int) -> None:
 def dev_score(model, data: FeatureSet, db_rows, query_rows, stage: str, cfg: MedhashConfig) -> float:
     """Mean I2T / T2I MAP@all (labels protocol) of dev queries against the train items.
 
-    Hash codes at the middle code length once heads are trained; float v during alignment.
+    Hash codes at the middle code length once heads are trained; float embeddings in the model's
+    ``float_stages`` (LSCH's alignment), where the codes are not trained yet.
     """
     v_db = embed(model, data.image[db_rows], data.text[db_rows])
     v_query = embed(model, data.image[query_rows], data.text[query_rows])
-    if stage == "align":
+    if stage in getattr(model, "float_stages", ()):
         kind, query, db = "cosine", v_query, v_db
     else:
         bits = sorted(model.bits)[len(model.bits) // 2]
@@ -193,14 +191,15 @@ def _progress_line(record: dict, n_epochs: int) -> str:
     return f"epoch {record['epoch'] + 1}/{n_epochs} [{record['stage']}] {losses} dev_map={record['dev_map']:.3f}"
 
 
-def _restore(model: LSCHModel, optimizer: torch.optim.Optimizer) -> TrainState:
+def _restore(model, optimizer: torch.optim.Optimizer | None) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return TrainState()
     with checkpoint.as_directory() as folder:
         saved = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
     model.load_state_dict_trainable(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     state: TrainState = saved["state"]
     state.resumed_at.append(state.epoch)
     print(f"resuming from the checkpoint of epoch {state.epoch - 1}", flush=True)
@@ -213,7 +212,7 @@ def _report(record: dict, state: TrainState, model, optimizer, rank: int) -> Non
         checkpoint = None
         if rank == 0:
             torch.save(
-                {"model": model.state_dict_trainable(), "optimizer": optimizer.state_dict(), "state": state},
+                {"model": model.state_dict_trainable(), "optimizer": optimizer and optimizer.state_dict(), "state": state},
                 os.path.join(folder, STATE_FILE),
             )
             checkpoint = ray.train.Checkpoint.from_directory(folder)

@@ -11,7 +11,8 @@ import torch
 from services.config import MedhashConfig
 from services.errors import ConfigError
 from services.featureset import FeatureSet, build_featureset
-from training.loop import STATE_FILE, schedule, train_loop
+from services.methods import schedule
+from training.loop import STATE_FILE, train_loop
 from training.plots import plot_history
 from services.run_dir import RunDir
 
@@ -27,7 +28,7 @@ def init_ray() -> None:
 
 
 def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> RunDir:
-    """Train LSCH as ``cfg`` says and write the run directory ``out`` (resuming an interrupted run)."""
+    """Train ``cfg.method`` as ``cfg`` says and write the run directory ``out`` (resuming an interrupted run)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -36,7 +37,7 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
     if run.is_complete():
         raise ConfigError(f"{out} already holds a finished run; choose another --out")
     if not schedule(cfg):
-        raise ConfigError("train: align_epochs + rbm_epochs + joint_epochs is 0, nothing to train")
+        raise ConfigError(f"train: the {cfg.method} schedule of this config has no epochs, nothing to train")
     started = time.time()
     features = features or build_featureset(cfg)
     for split in ("train", "dev"):

@@ -24,11 +24,15 @@ Defaults alpha = 0.5, beta = 0.8 are the paper's small-set I2T pair; our terms a
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from services.config import LSCHConfig
-from services.lsch.model import LSCHModel
+
+if TYPE_CHECKING:
+    from services.lsch.model import LSCHModel
 
 
 def false_negative_mask(labels: torch.Tensor | None, n: int, policy: str) -> torch.Tensor:

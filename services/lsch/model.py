@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.config import LSCHConfig
+from services.config import LSCHConfig, MedhashConfig
 from services.errors import ConfigError, WeightsError
 from services.hashing.gbrbm import GBRBM
+from services.lsch.losses import embedding_alignment_loss, hashing_loss, pair_features
 from services.lsch.prompts import PromptedLLM
 
 LLM_PREFIX = "prompted.llm."
@@ -63,6 +64,8 @@ class LinearToken(nn.Module):
 
 class LSCHModel(nn.Module):
     """Image / text features -> v^x / v^y -> p(h | v) per code length -> binary codes."""
+
+    float_stages = ("align",)  # stages before the hashing heads train (dev scores use float v)
 
     def __init__(
         self,
@@ -155,6 +158,32 @@ class LSCHModel(nn.Module):
             raise ConfigError("GBRBM pre-training needs lsch.use_gbrbm: true")
         data = self.visible(v).detach()
         return sum(self.heads[str(b)].cd_loss(data, self.cfg.gbrbm_cd_k) for b in self.bits)
+
+    @classmethod
+    def schedule(cls, cfg: MedhashConfig) -> list[str]:
+        """Stage A "align", B "rbm" (only with GBRBM heads), C "joint": the stage of every epoch."""
+        rbm_epochs = cfg.train.rbm_epochs if cfg.lsch.use_gbrbm else 0
+        return ["align"] * cfg.train.align_epochs + ["rbm"] * rbm_epochs + ["joint"] * cfg.train.joint_epochs
+
+    def batch_loss(self, stage: str, batch, cfg: MedhashConfig) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one global batch (a services.methods.base.Batch) in ``stage``.
+
+        This worker embeds its share of the batch; the embeddings are gathered so every worker
+        scores the whole global batch. The GBRBM stage needs no gathering (CD on local v).
+        """
+        z, t = batch.z[batch.local], batch.t[batch.local]
+        if stage == "rbm":
+            with torch.no_grad():
+                v = torch.cat([self.embed_image(z), self.embed_text(t)])
+            loss = self.gbrbm_pretrain_loss(v)
+            with torch.no_grad():
+                visible = self.visible(v)
+                error = sum(float(self.heads[str(b)].reconstruction_error(visible)) for b in self.bits) / len(self.bits)
+            return loss, {"cd": loss.item(), "reconstruction": error, "total": loss.item()}
+        vx, vy = batch.gather(self.embed_image(z)), batch.gather(self.embed_text(t))
+        if stage == "align":
+            return embedding_alignment_loss(vx, vy, batch.labels, cfg.lsch)
+        return hashing_loss(self, vx, vy, pair_features(batch.z, batch.t), batch.labels, cfg.lsch)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Projections, soft prompt, heads (and LoRA adapters if on): never the frozen LLM."""

@@ -44,6 +44,7 @@ class HashModel(nn.Module):
 
     Params: type[Section] = Section  # the method's hyper-parameters (config ``method_params``), paper defaults
     paper: str = ""  # the publication this method re-implements
+    float_stages: tuple[str, ...] = ()  # stages before the codes train (dev scores then use the float embeddings)
 
     def __init__(self, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int) -> None:
         super().__init__()
@@ -72,7 +73,8 @@ class HashModel(nn.Module):
             return self.hash_probs(v, bits) > 0.5
 
     # --- training ------------------------------------------------------------------------------
-    def schedule(self, cfg: MedhashConfig) -> list[str]:
+    @classmethod
+    def schedule(cls, cfg: MedhashConfig) -> list[str]:
         """The stage of every epoch (default: ``train.joint_epochs`` epochs of stage "joint")."""
         return ["joint"] * cfg.train.joint_epochs
 
