@@ -17,16 +17,12 @@ Finished runs are skipped, so an interrupted study resumes.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.runs import slug, trained_results
 from services.config import load_config
-from services.featureset import build_featureset
-from services.run_dir import RunDir
-from training.evaluate import evaluate_run
-from training.trainer import train
 
 STUDIES = {
     "stages": {
@@ -50,10 +46,6 @@ STUDIES = {
 }
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
 def run_study(
     config: Path, bits: int, out: Path, study: str = "stages", seeds=(0,), on: str = "query",
     root: Path | None = None,
@@ -64,16 +56,8 @@ def run_study(
         per_seed = []
         for seed in seeds:
             cfg = load_config(config, data={"root": root}, lsch={"bits": (bits,), **switches}, train={"seed": seed})
-            run_path = out / slug(name) / f"seed{seed}"
-            eval_path = run_path / f"eval-{on}"
-            if not RunDir(run_path).is_complete():
-                train(cfg, run_path, build_featureset(cfg, progress=False))
-            results_file = eval_path / "results.json"
-            results = (
-                json.loads(results_file.read_text()) if results_file.is_file()
-                else evaluate_run(run_path, eval_path, on=on)
-            )
-            per_seed.append((results["bits"][str(bits)], RunDir(run_path).meta()["wall_time_s"]))
+            results, wall_s = trained_results(cfg, out / slug(name) / f"seed{seed}", on)
+            per_seed.append((results["bits"][str(bits)], wall_s))
         rows.append((name, per_seed))
     table = study_table(rows, bits, on)
     (out / f"{study}-{on}.md").write_text(table, encoding="utf-8")

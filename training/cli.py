@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser("train", help="train LSCH with Ray Train and write a run directory")
+    train = subparsers.add_parser("train", help="train a hashing method with Ray Train and write a run directory")
     train.add_argument("--config", type=Path, help="YAML config (training/configs/<dataset>-<method>.yaml)")
+    train.add_argument("--method", help="hashing method (overrides the config's method, default lsch)")
     train.add_argument("--root", type=Path, help="dataset folder (overrides data.root)")
     train.add_argument("--split-file", type=Path, help="CSV id,split overriding the dataset's split")
     train.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
@@ -38,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
         train={"workers": args.workers},
         lsch={"bits": args.bits},
     )
+    if args.method:
+        cfg = cfg.model_copy(update={"method": args.method})
     run = train(cfg, args.out)
     print(json.dumps(run.meta(), indent=1))
     return 0

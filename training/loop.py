@@ -158,13 +158,14 @@ def _text_views(data: FeatureSet, rows: np.ndarray, cfg: MedhashConfig, rng: np.
 
 
 def _average_gradients(model, world: int) -> None:
+    """Mean of each gradient over the workers; parameters without a gradient this step (a stage that
+    does not train them) are skipped on every worker alike, so the optimizer leaves them alone."""
     if world == 1:
         return
     for p in model.trainable_parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
 
 
 def dev_score(model, data: FeatureSet, db_rows, query_rows, stage: str, cfg: MedhashConfig) -> float:
