@@ -25,7 +25,7 @@ def synthetic(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
 def config(method: str, epochs: int = 20, bits=(16, 32), **params) -> MedhashConfig:
     return load_config(
         None, lsch={"bits": bits}, train={"joint_epochs": epochs, "batch_size": 32, "lr": 1e-3}
-    ).model_copy(update={"method": method, "method_params": params})
+    ).model_copy(update={"method": method, "method_params": {method: params}})
 
 
 def train_in_process(model, cfg: MedhashConfig, z, t, labels, seed: int = 0) -> list[dict]:

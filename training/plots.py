@@ -13,7 +13,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage in dict.fromkeys(r["stage"] for r in history):
-        rows = [r for r in history if r["stage"] == stage]
+        rows = [r for r in history if r["stage"] == stage and "loss_total" in r]  # closed-form fits have no loss
         ax.plot([r["epoch"] for r in rows], [r["loss_total"] for r in rows], marker="o", label=f"loss ({stage})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")

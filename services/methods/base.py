@@ -50,7 +50,12 @@ class HashModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.bits = tuple(sorted(cfg.lsch.bits))
-        self.params = self.Params.model_validate(cfg.method_params)
+        self.params = self.params_of(cfg)
+
+    @classmethod
+    def params_of(cls, cfg: MedhashConfig) -> Section:
+        """This method's hyper-parameters: ``cfg.method_params[<method name>]`` over the paper defaults."""
+        return cls.Params.model_validate(cfg.method_params.get(cfg.method, {}))
 
     # --- inference -----------------------------------------------------------------------------
     def embed_image(self, z: Tensor) -> Tensor:
