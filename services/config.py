@@ -196,10 +196,11 @@ class UIConfig(Section):
 class MedhashConfig(Section):
     """The whole configuration. ``method`` names the hashing method (services.methods); ``lsch`` and
     ``train`` hold LSCH's settings and the shared schedule (``lsch.bits`` are every method's code lengths),
-    ``method_params`` another method's own hyper-parameters (validated by that method)."""
+    ``method_params`` the other methods' own hyper-parameters by method name, e.g. ``{"ucch": {"hidden": 2048}}``
+    (each validated by its method)."""
 
     method: str = "lsch"
-    method_params: dict[str, Any] = {}
+    method_params: dict[str, dict[str, Any]] = {}
 
     data: DataConfig = DataConfig()
     image_backbone: ImageBackboneConfig = ImageBackboneConfig()

@@ -42,7 +42,7 @@ def test_every_method_trains_through_ray_train_on_tiny_data_and_beats_random_cod
 
     raw = yaml.safe_load((CONFIGS / "medpix2-baselines.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
-    raw["train"].update(limit_items=60, align_epochs=2, joint_epochs=6)
+    raw["train"].update(limit_items=60, batch_size=16, align_epochs=4, joint_epochs=20)
     (tmp_path / "baselines.yaml").write_text(yaml.safe_dump(raw))
     methods = [m for m in DEFAULT_METHODS if m != "lsch"]  # LSCH's own Ray Train tests are in test_training.py
     ray.init(num_cpus=2, include_dashboard=False)
@@ -53,9 +53,11 @@ def test_every_method_trains_through_ray_train_on_tiny_data_and_beats_random_cod
     with (tmp_path / "q" / "quality.csv").open() as file:
         rows = [r for r in csv.DictReader(file) if r["protocol"] == "labels" and r["metric"] == "map@all"]
     assert (tmp_path / "q" / "map_vs_bits.png").stat().st_size > 0 and "### labels protocol" in report
+    scores = {}
     for method in methods:
-        results = json.loads((tmp_path / "q" / method / "seed0" / "eval-query" / "results.json").read_text())
-        random = results["references"]["labels"]["random"]
         codes = "float" if method == "float-dual" else "32"  # the upper bound is its float embeddings
-        got = np.mean([float(r["value"]) for r in rows if r["method"] == method and r["codes"] == codes])
-        assert got > random + 0.08, f"{method}: labels MAP@all {got:.3f} at {codes}, random codes {random:.3f}"
+        scores[method] = np.mean([float(r["value"]) for r in rows if r["method"] == method and r["codes"] == codes])
+    results = json.loads((tmp_path / "q" / "dcmh" / "seed0" / "eval-query" / "results.json").read_text())
+    random = results["references"]["labels"]["random"]
+    losers = {m: round(v, 3) for m, v in scores.items() if v <= random + 0.08}
+    assert not losers, f"labels MAP@all not clearly above random codes ({random:.3f}): {losers}; all: {scores}"
