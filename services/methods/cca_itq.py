@@ -24,7 +24,7 @@ eigenvalue scaling of the canonical directions.
 Differences from the paper:
 
 - the ridge is relative: r = ``ridge`` * trace(C) / d per modality (the paper adds a small
-  absolute 1e-4). /work/shared/docs/evaluation.md ("Reference floors") reports that heavily
+  absolute 1e-4). The evaluation notes ("Reference floors", evaluation.md) reports that heavily
   regularised CCA works far better than a small ridge on our MedPix features (MAP .47-.50 vs
   .33-.36): with 1,280 / 384-dim features and ~1,650 training pairs, an almost unregularised CCA
   fits noise. The default 10 (ten times the mean variance, close to the PLS limit) was chosen on
