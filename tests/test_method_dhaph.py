@@ -83,7 +83,7 @@ def test_unknown_labels_and_hash_probs(trained):
     model.eval()
     v = model.embed_text(t[:8])
     assert v.shape == (8, 16 + 32)
-    assert torch.equal(model.codes(v, 32), model.relaxed(v, 32) > 0)
+    assert torch.equal(model.codes(v, 32), model.code_slice(v, 32) > 0)
     model.train()
     loss, parts = model.batch_loss("joint", Batch(z[:8], t[:8], torch.zeros(8, CLASSES), slice(None), lambda x: x), cfg)
     assert torch.isfinite(loss) and parts["self_paced"] == 0.0

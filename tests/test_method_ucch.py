@@ -76,7 +76,7 @@ def test_codes_are_signs_and_unknown_stage_refused(trained):
     model, (z, t, labels) = trained
     v = model.embed_text(t[:8])
     assert v.shape == (8, 16 + 32)
-    assert torch.allclose(model.relaxed(v, 16).norm(dim=1), torch.ones(8))
-    assert torch.equal(model.codes(v, 16), model.relaxed(v, 16) > 0)
+    assert torch.allclose(model.code_slice(v, 16).norm(dim=1), torch.ones(8))
+    assert torch.equal(model.codes(v, 16), model.code_slice(v, 16) > 0)
     with pytest.raises(ConfigError):
         model.batch_loss("hash", Batch(z[:8], t[:8], labels[:8], slice(None), lambda x: x), model.cfg)

@@ -70,6 +70,14 @@ class HashModel(nn.Module):
         """p(bit = 1) [B, bits] of embeddings ``v``; the code is ``hash_probs > 0.5``."""
         raise NotImplementedError
 
+    def code_slice(self, v: Tensor, bits: int) -> Tensor:
+        """The ``bits``-bit part of an embedding that holds every code length's outputs side by side
+        (in ascending order of length), for methods whose float embedding is their relaxed codes."""
+        if bits not in self.bits:
+            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
+        start = sum(b for b in self.bits if b < bits)
+        return v[:, start : start + bits]
+
     def codes(self, v: Tensor, bits: int) -> Tensor:
         """Binary codes, bool [B, bits]."""
         if bits not in self.bits:

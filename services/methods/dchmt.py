@@ -147,10 +147,7 @@ class DCHMT(HashModel):
 
     def hash_probs(self, v: Tensor, bits: int) -> Tensor:
         """p_ik, the "+1" entry of each bit's softmax: the selected entry is +1 iff ``hash_probs > 0.5``."""
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
-        start = sum(b for b in self.bits if b < bits)
-        return torch.sigmoid(v[:, start : start + bits])
+        return torch.sigmoid(self.code_slice(v, bits))
 
     # --- training ------------------------------------------------------------------------------
     def batch_loss(self, stage: str, batch: Batch, cfg: MedhashConfig) -> tuple[Tensor, dict[str, float]]:

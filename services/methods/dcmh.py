@@ -111,16 +111,9 @@ class DCMH(HashModel):
         hidden = self.text_tower(t)
         return torch.cat([self.text_heads[str(b)](hidden) for b in self.bits], dim=1)
 
-    def outputs(self, v: Tensor, bits: int) -> Tensor:
-        """The ``bits``-bit outputs (F or G) inside an embedding."""
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
-        start = sum(b for b in self.bits if b < bits)
-        return v[:, start : start + bits]
-
     def hash_probs(self, v: Tensor, bits: int) -> Tensor:
         """sigmoid(F): the code sign(F) is ``hash_probs > 0.5``."""
-        return torch.sigmoid(self.outputs(v, bits))
+        return torch.sigmoid(self.code_slice(v, bits))
 
     # --- training ------------------------------------------------------------------------------
     @classmethod
@@ -140,7 +133,7 @@ class DCMH(HashModel):
         similarity, known = label_similarity(batch.labels.to(vx.device))
         terms = {"likelihood": 0.0, "quantization": 0.0, "balance": 0.0}
         for bits in self.bits:
-            f, g = self.outputs(vx, bits), self.outputs(vy, bits)
+            f, g = self.code_slice(vx, bits), self.code_slice(vy, bits)
             trained = f if stage == IMAGE else g
             b = torch.where(f + g >= 0, 1.0, -1.0).detach()
             terms["likelihood"] = terms["likelihood"] + likelihood_loss(f, g, similarity, known)

@@ -233,16 +233,9 @@ class DHaPH(HashModel):
         e = self.text_tower(t)
         return torch.cat([self.text_hash[str(b)](e) for b in self.bits], dim=1)
 
-    def relaxed(self, v: Tensor, bits: int) -> Tensor:
-        """The ``bits``-bit relaxed code u inside an embedding."""
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
-        start = sum(b for b in self.bits if b < bits)
-        return v[:, start : start + bits]
-
     def hash_probs(self, v: Tensor, bits: int) -> Tensor:
         """(u + 1) / 2: the code sign(u) is ``hash_probs > 0.5``."""
-        return (self.relaxed(v, bits) + 1) / 2
+        return (self.code_slice(v, bits) + 1) / 2
 
     # --- training ------------------------------------------------------------------------------
     @classmethod
@@ -272,7 +265,7 @@ class DHaPH(HashModel):
         p = self.params
         terms = {"self_paced": 0.0, "hierarchy": 0.0}
         for bits in self.bits:
-            ux, uy = self.relaxed(vx, bits), self.relaxed(vy, bits)
+            ux, uy = self.code_slice(vx, bits), self.code_slice(vy, bits)
             terms["self_paced"] = terms["self_paced"] + sum(
                 self_paced_loss(a, b, labels, p.tau, delta) for a, b in ((ux, ux), (uy, uy), (ux, uy))
             )

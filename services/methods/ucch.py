@@ -134,16 +134,9 @@ class UCCH(HashModel):
         """Unit-length u^y of every code length, concatenated [B, sum(bits)]."""
         return self._codes(self.text_net(t), self.text_hash, self.bits)
 
-    def relaxed(self, v: Tensor, bits: int) -> Tensor:
-        """The ``bits``-bit output u inside an embedding."""
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
-        start = sum(b for b in self.bits if b < bits)
-        return v[:, start : start + bits]
-
     def hash_probs(self, v: Tensor, bits: int) -> Tensor:
         """(u + 1) / 2 in [0, 1]: the code sign(u) is ``hash_probs > 0.5``."""
-        return (self.relaxed(v, bits) + 1) / 2
+        return (self.code_slice(v, bits) + 1) / 2
 
     # --- training ------------------------------------------------------------------------------
     def batch_loss(self, stage: str, batch: Batch, cfg: MedhashConfig) -> tuple[Tensor, dict[str, float]]:
@@ -155,7 +148,7 @@ class UCCH(HashModel):
         p = self.params
         terms = {"contrastive": 0.0, "ranking": 0.0}
         for bits in self.bits:
-            ux, uy = self.relaxed(vx, bits), self.relaxed(vy, bits)
+            ux, uy = self.code_slice(vx, bits), self.code_slice(vy, bits)
             terms["contrastive"] = terms["contrastive"] + binary_contrastive_loss(ux, uy, p.temperature)
             terms["ranking"] = terms["ranking"] + cross_modal_ranking_loss(ux, uy, p.margin, p.shift)
         total = p.alpha * terms["contrastive"] + (1 - p.alpha) * terms["ranking"]
