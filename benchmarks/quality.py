@@ -92,10 +92,12 @@ def tables(rows, bits, methods) -> str:
             for d in DIRECTIONS:
                 for b in bits:
                     values.setdefault((method, protocol, d, b), []).append(scores(results, method, b)[protocol][d][headline(protocol)])
+    seeds = {m: sum(r[0] == m for r in rows) for m in methods}
+    over = f"{seeds[methods[0]]} seeds" if len(set(seeds.values())) == 1 else "the seeds listed below"
     lines = []
     for protocol in protocols:
         lines += [
-            f"### {protocol} protocol: {headline(protocol)}, mean +- std over {len(rows) // len(methods)} seeds", "",
+            f"### {protocol} protocol: {headline(protocol)}, mean +- std over {over}", "",
             "| method | " + " | ".join(f"I2T {b}" for b in bits) + " | " + " | ".join(f"T2I {b}" for b in bits) + " |",
             "|---|" + "---:|" * (2 * len(bits)),
         ]
@@ -106,6 +108,8 @@ def tables(rows, bits, methods) -> str:
         lines += ["", *_gains(values, protocol, bits, methods), ""]
     wall = {m: np.mean([w for mm, _, _, w in rows if mm == m]) for m in methods}
     lines.append("Training wall time per run (mean over seeds): " + ", ".join(f"{m} {wall[m]:.0f} s" for m in methods) + ".")
+    if len(set(seeds.values())) > 1:
+        lines.append("Seeds per method: " + ", ".join(f"{m} {n}" for m, n in seeds.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
