@@ -156,6 +156,19 @@ def log_in(driver, url: str, password: str) -> None:
     login[0].click()
 
 
+def upload_image(driver, image: Path) -> None:
+    """Give the upload field ``image`` and wait until the page lists the uploaded file."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 60).until(lambda d: find_all(d, "#image-upload input[type=file]"))[0].send_keys(str(image))
+    try:
+        WebDriverWait(driver, 180).until(lambda d: image.name in d.page_source)
+    except TimeoutException:
+        driver.save_screenshot(str(ARTIFACTS / "upload-failed.png"))
+        raise AssertionError(f"the page never listed the uploaded {image.name}") from None
+
+
 @pytest.mark.real
 def test_a_wrong_password_does_not_open_the_ui(demo, browser):
     log_in(browser, demo["ui"], "wrong-password")
@@ -175,9 +188,7 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
         lambda d: "Connected" in d.find_element(By.ID, "service-status").text, "the UI did not reach the API")
 
     image = sorted((shared_data / "medpix2" / "images").glob("*.png"))[0]
-    find_all(browser, "#image-upload input[type=file]")[0].send_keys(str(image))
-    WebDriverWait(browser, 120).until(
-        lambda d: image.name in d.find_element(By.ID, "image-upload").text, "the upload did not show")
+    upload_image(browser, image)
     browser.find_element(By.ID, "image-search").click()
     cards = WebDriverWait(browser, 300).until(
         lambda d: find_all(d, "#image-results .medhash-card"), "no result cards for the image query")
