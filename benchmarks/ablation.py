@@ -1,6 +1,6 @@
 """LSCH studies: variants of one configuration trained and evaluated side by side.
 
-    python -m benchmarks.ablation --config training/configs/medpix2-lsch-ablation.yaml --bits 64 \\
+    python -m medhash.benchmarks.ablation --config training/configs/medpix2-lsch-ablation.yaml --bits 64 \\
         --study stages --seeds 0,1,2 --out runs/ablation
 
 trains every variant of the study through the same Ray Train entry point (same data, split and
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runs import slug, trained_results
-from services.config import load_config
+from medhash.benchmarks.runs import slug, trained_results
+from medhash.services.config import load_config
 
 STUDIES = {
     "stages": {

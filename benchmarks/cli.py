@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import index_speed, ingest_speed, quality, serve_speed
+from medhash.benchmarks import index_speed, ingest_speed, quality, serve_speed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

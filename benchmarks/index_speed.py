@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.codes import hamming_distances
+from medhash.services.codes import hamming_distances
 
 INSERT_BATCH = 50_000
 
@@ -55,7 +55,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.errors import ConfigError
+    from medhash.services.errors import ConfigError
 
     if args.n < args.k or args.queries < 1:
         raise ConfigError(f"need --n >= --k and --queries >= 1, got n={args.n} k={args.k} queries={args.queries}")
@@ -67,7 +67,7 @@ def measure_index_speed(n: int = 1_000_000, queries: int = 100, bits: int = 64, 
     """Time top-k Hamming search by numpy, FAISS ``IndexBinaryFlat`` and Milvus on the same random codes."""
     import faiss
 
-    from services.index import CodeIndex, IndexRecord
+    from medhash.services.index import CodeIndex, IndexRecord
 
     rng = np.random.default_rng(seed)
     database = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.data.item import Dataset, Item
-from services.run_dir import RunDir
+from medhash.services.data.item import Dataset, Item
+from medhash.services.run_dir import RunDir
 
 
 @dataclass
@@ -48,8 +48,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.data import open_dataset
-    from services.errors import ConfigError
+    from medhash.services.data import open_dataset
+    from medhash.services.errors import ConfigError
 
     if args.items < 1 or args.batch_size < 1:
         raise ConfigError("need --items >= 1 and --batch-size >= 1")
@@ -67,9 +67,9 @@ def measure_ingest_speed(run: RunDir, dataset: Dataset, n_items: int = 200, batc
     """(encoders alone, indexing) timings on the first ``n_items`` items of ``dataset`` with an image and a report."""
     import torch
 
-    from serving.app import index_settings
-    from serving.pipeline import Pipeline
-    from services.index import open_index
+    from medhash.serving.app import index_settings
+    from medhash.serving.pipeline import Pipeline
+    from medhash.services.index import open_index
 
     settings = run.config()
     torch.set_num_threads(settings.serve.torch_threads)  # as one Serve replica has
@@ -109,7 +109,7 @@ def encode(pipeline, batch: list[Item], timing: IngestTiming) -> dict:
 
 def ingest(pipeline, index, batch: list[Item], vectors: dict, timing: IngestTiming) -> None:
     """Hash ``vectors`` at every code length and upsert both modalities; adds the hash / upsert stages."""
-    from serving.ingest import item_records
+    from medhash.serving.ingest import item_records
 
     for bits in pipeline.hasher.bits:
         start = time.perf_counter()

@@ -36,8 +36,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.errors import ConfigError
-    from services.methods import METHODS
+    from medhash.services.errors import ConfigError
+    from medhash.services.methods import METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
 def compare(methods, bits, seeds, configs: dict[str, Path], out: Path, root: Path | None = None) -> str:
     """Train and evaluate every (method, seed); write and return the tables."""
-    from benchmarks.runs import trained_results
-    from services.config import load_config
+    from medhash.benchmarks.runs import trained_results
+    from medhash.services.config import load_config
 
     rows = []  # (method, seed, results, train seconds)
     for method in methods:

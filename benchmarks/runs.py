@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.config import MedhashConfig
-from services.featureset import FeatureSet, build_featureset
-from services.run_dir import RunDir
-from training.evaluate import evaluate_run
-from training.trainer import train
+from medhash.services.config import MedhashConfig
+from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.run_dir import RunDir
+from medhash.training.evaluate import evaluate_run
+from medhash.training.trainer import train
 
 
 def slug(name: str) -> str:

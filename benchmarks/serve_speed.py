@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.data.item import Dataset
-from services.run_dir import RunDir
+from medhash.services.data.item import Dataset
+from medhash.services.run_dir import RunDir
 
 K = 10
 HOST = "127.0.0.1"
@@ -103,8 +103,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.config import cache_root
-    from services.errors import ConfigError
+    from medhash.services.config import cache_root
+    from medhash.services.errors import ConfigError
 
     if args.requests < 1 or args.image_requests < 0 or args.concurrency < 1:
         raise ConfigError("need --requests >= 1, --image-requests >= 0 and --concurrency >= 1")
@@ -131,8 +131,8 @@ def measure_serve_speed(run: RunDir, dataset: Dataset, uri: str, requests: int =
 
 
 def _dataset(args: argparse.Namespace) -> Dataset:
-    from services.config import DataConfig
-    from services.data import open_dataset
+    from medhash.services.config import DataConfig
+    from medhash.services.data import open_dataset
 
     run_data = RunDir(args.run).config().data
     data_cfg = run_data if args.dataset in (None, run_data.dataset) else DataConfig(dataset=args.dataset)
@@ -142,8 +142,8 @@ def _dataset(args: argparse.Namespace) -> Dataset:
 
 
 def _open(run: RunDir, uri: str):
-    from serving.app import index_settings
-    from services.index import open_index
+    from medhash.serving.app import index_settings
+    from medhash.services.index import open_index
 
     cfg = run.config()
     return open_index(index_settings(cfg, uri), cfg.lsch.bits)
@@ -151,7 +151,7 @@ def _open(run: RunDir, uri: str):
 
 def _ensure_indexed(run: RunDir, dataset: Dataset, uri: str) -> None:
     """Every item of ``dataset`` in the file at ``uri`` (both modalities, every code length)."""
-    from serving.ingest import ingest_dataset
+    from medhash.serving.ingest import ingest_dataset
 
     index = _open(run, uri)
     try:
@@ -166,7 +166,7 @@ def _in_process(run: RunDir, uri: str, texts: list[str], images: list[bytes], co
     """The query path in this process: Pipeline codes, then CodeIndex search (as the Serve defaults ask)."""
     import torch
 
-    from serving.pipeline import Pipeline
+    from medhash.serving.pipeline import Pipeline
 
     settings = run.config().serve
     torch.set_num_threads(settings.torch_threads)  # as each Serve replica has
@@ -194,7 +194,7 @@ def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes],
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from medhash.serving.app import build_app
 
     settings = run.config()
     settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"host": HOST, "port": port})})
@@ -248,7 +248,7 @@ def _png_bytes(path: Path) -> bytes:
     """The image file as PNG bytes (PNG files as they are)."""
     if path.suffix.lower() == ".png":
         return path.read_bytes()
-    from services.data.images import load_image
+    from medhash.services.data.images import load_image
 
     buffer = io.BytesIO()
     load_image(path).save(buffer, format="PNG")
@@ -256,7 +256,7 @@ def _png_bytes(path: Path) -> bytes:
 
 
 def _check_port_free(port: int) -> None:
-    from services.errors import ConfigError
+    from medhash.services.errors import ConfigError
 
     with socket.socket() as s:
         try:

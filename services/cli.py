@@ -11,7 +11,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from services.errors import MedhashError
+from medhash.services.errors import MedhashError
 
 
 def build_parser() -> argparse.ArgumentParser:

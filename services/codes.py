@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.errors import DataError
+from medhash.services.errors import DataError
 
 CODE_KEYS = ("query_img", "query_txt", "db_img", "db_txt")
 NPZ_KEYS = (*CODE_KEYS, "query_ids", "db_ids", "query_labels", "db_labels", "label_names")

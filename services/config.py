@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.errors import ConfigError
+from medhash.services.errors import ConfigError
 
 DatasetName = Literal["medpix2", "covid-cxr", "iu-xray", "mimic-cxr", "manifest"]
 
@@ -194,7 +194,7 @@ class UIConfig(Section):
 
 
 class MedhashConfig(Section):
-    """The whole configuration. ``method`` names the hashing method (services.methods); ``lsch`` and
+    """The whole configuration. ``method`` names the hashing method (medhash.services.methods); ``lsch`` and
     ``train`` hold LSCH's settings and the shared schedule (``lsch.bits`` are every method's code lengths),
     ``method_params`` the other methods' own hyper-parameters by method name, e.g. ``{"ucch": {"hidden": 2048}}``
     (each validated by its method)."""

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from services.config import cache_root
-from services.data.images import load_image
-from services.data.item import Dataset, Item
-from services.encoders.image import ImageEncoder
-from services.encoders.text import TextEncoder
-from services.errors import DataError
+from medhash.services.config import cache_root
+from medhash.services.data.images import load_image
+from medhash.services.data.item import Dataset, Item
+from medhash.services.encoders.image import ImageEncoder
+from medhash.services.encoders.text import TextEncoder
+from medhash.services.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from services.config import MedhashConfig
-from services.data import open_dataset
-from services.data.item import Dataset
+from medhash.services.config import MedhashConfig
+from medhash.services.data import open_dataset
+from medhash.services.data.item import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ def limit_per_split(dataset: Dataset, limit: int) -> Dataset:
 
 def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progress: bool = True) -> FeatureSet:
     """Read (or compute once and cache) every feature ``cfg`` asks for."""
-    from services.encoders.image import build_image_encoder
-    from services.encoders.text import build_text_encoder
-    from services.features import FeatureCache, extract_image_features, extract_text_features
+    from medhash.services.encoders.image import build_image_encoder
+    from medhash.services.encoders.text import build_text_encoder
+    from medhash.services.features import FeatureCache, extract_image_features, extract_text_features
 
     dataset = dataset or open_dataset(cfg.data)
     if cfg.train.limit_items:
@@ -102,9 +102,9 @@ def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progres
 
 def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
     """Features of each augmented text view; an item without a view falls back to its report."""
-    from services.augment import augment_dataset
-    from services.augment.generators import generator_key
-    from services.features import FeatureCache, extract_text_features
+    from medhash.services.augment import augment_dataset
+    from medhash.services.augment.generators import generator_key
+    from medhash.services.features import FeatureCache, extract_text_features
 
     augmented = augment_dataset(dataset, cfg.augment, cfg.llm, progress=progress)
     names = list(cfg.augment.templates)

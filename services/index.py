@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.config import IndexConfig, cache_root
-from services.errors import ConfigError, DataError
+from medhash.services.config import IndexConfig, cache_root
+from medhash.services.errors import ConfigError, DataError
 
 MODALITIES = ("image", "text")
 MAX_TOP_K = 16384  # Milvus's limit on k

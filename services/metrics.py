@@ -10,7 +10,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from services.codes import hamming_distances
+from medhash.services.codes import hamming_distances
 
 TOPIC_PREFIX = "topic:"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from services.config import MedhashConfig
-from services.errors import ConfigError
+from medhash.services.config import MedhashConfig
+from medhash.services.errors import ConfigError
 
 
 class RunDir:

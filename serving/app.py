@@ -35,10 +35,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from serving import metrics
-from services.config import DeploymentResources, IndexConfig, MedhashConfig, ServeConfig, cache_root, load_config
-from services.errors import ConfigError, DataError
-from services.run_dir import RunDir
+from medhash.serving import metrics
+from medhash.services.config import DeploymentResources, IndexConfig, MedhashConfig, ServeConfig, cache_root, load_config
+from medhash.services.errors import ConfigError, DataError
+from medhash.services.run_dir import RunDir
 
 LOCALHOSTS = {"127.0.0.1", "localhost", "::1"}
 OPEN_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -53,7 +53,7 @@ def _set_threads(threads: int) -> None:
 
 
 def _load_model(run_path: str):
-    from services.methods import load_trained
+    from medhash.services.methods import load_trained
 
     return load_trained(RunDir(run_path))
 
@@ -63,7 +63,7 @@ class ImageEncoder:
     """Image bytes -> (v^x, size of the batch it was encoded in); images decode per request, embed in batches."""
 
     def __init__(self, run_path: str, cfg: ServeConfig):
-        from serving.pipeline import ImageEmbedder
+        from medhash.serving.pipeline import ImageEmbedder
 
         _set_threads(cfg.torch_threads)
         self.embedder = ImageEmbedder(*_load_model(run_path), max_pixels=cfg.max_image_pixels)
@@ -83,7 +83,7 @@ class TextEncoder:
     """Report text -> (v^y, size of the batch it was encoded in), embedded in dynamic batches."""
 
     def __init__(self, run_path: str, cfg: ServeConfig):
-        from serving.pipeline import TextEmbedder
+        from medhash.serving.pipeline import TextEmbedder
 
         _set_threads(cfg.torch_threads)
         self.embedder = TextEmbedder(*_load_model(run_path), max_chars=cfg.max_text_chars)
@@ -103,7 +103,7 @@ class HasherDeployment:
     """v -> packed codes through the run's GBRBM heads."""
 
     def __init__(self, run_path: str, cfg: ServeConfig):
-        from serving.pipeline import Hasher
+        from medhash.serving.pipeline import Hasher
 
         _set_threads(cfg.torch_threads)
         self.hasher = Hasher(_load_model(run_path)[1])
@@ -120,7 +120,7 @@ class IndexDeployment:
     """The Milvus code index: one replica owns a milvus-lite file; replicas scale with a server URI."""
 
     def __init__(self, cfg: IndexConfig, bits: tuple[int, ...]):
-        from services.index import open_index
+        from medhash.services.index import open_index
 
         self.index = open_index(cfg, bits)  # a server's token from cfg.token_env in this replica's environment
 
@@ -316,7 +316,7 @@ class Ingress:
         labels: Annotated[str, Form()] = "",
         view: Annotated[str, Form(max_length=256)] = "",
     ) -> dict:
-        from services.index import IndexRecord
+        from medhash.services.index import IndexRecord
 
         if image is None and report is None:
             raise DataError("ingest needs an image, a report or both")
@@ -368,7 +368,7 @@ class Ingress:
 
     @api.get("/items/{item_id}/image", summary="The item's image as PNG", response_class=Response)
     async def item_image(self, item_id: str) -> Response:
-        from services.data.images import load_image
+        from medhash.services.data.images import load_image
 
         image_ref = next((h.image_ref for h in await self._records(item_id) if h.image_ref), "")
         if not image_ref:
@@ -418,7 +418,7 @@ def _options(res: DeploymentResources, cfg: ServeConfig, **extra) -> dict:
 
 def index_settings(settings: MedhashConfig, milvus_uri: str | None = None) -> IndexConfig:
     """The ``index`` section with its URI resolved (``milvus_uri`` overrides it)."""
-    from services.index import resolve_uri
+    from medhash.services.index import resolve_uri
 
     return settings.index.model_copy(update={"uri": milvus_uri or resolve_uri(settings.index)})
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from services.config import DataConfig, MedhashConfig, load_config
-from services.errors import ConfigError
-from services.run_dir import RunDir
+from medhash.services.config import DataConfig, MedhashConfig, load_config
+from medhash.services.errors import ConfigError
+from medhash.services.run_dir import RunDir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from medhash.serving.app import build_app
 
     run = RunDir(args.run)
     settings, options, app_args = read_serve_config(args.config, run.config())
@@ -83,10 +83,10 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_index(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from serving.ingest import ingest_dataset
-    from services.data import open_dataset
-    from serving.app import index_settings
-    from services.index import open_index
+    from medhash.serving.ingest import ingest_dataset
+    from medhash.services.data import open_dataset
+    from medhash.serving.app import index_settings
+    from medhash.services.index import open_index
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")

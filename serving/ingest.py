@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from serving.pipeline import Hasher
-from services.config import MedhashConfig
-from services.data.item import Dataset
-from services.featureset import FeatureSet, build_featureset
-from services.methods import embed, load_trained
-from services.run_dir import RunDir
+from medhash.serving.pipeline import Hasher
+from medhash.services.config import MedhashConfig
+from medhash.services.data.item import Dataset
+from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.methods import embed, load_trained
+from medhash.services.run_dir import RunDir
 
 SNIPPET_CHARS = 300
 
@@ -29,8 +29,8 @@ def index_features(cfg: MedhashConfig, dataset: Dataset, progress: bool = True) 
 
 
 def item_records(items, modality: str, codes: np.ndarray) -> list:
-    """One services.index.IndexRecord per dataset item: its packed code of ``modality`` and its metadata."""
-    from services.index import IndexRecord
+    """One medhash.services.index.IndexRecord per dataset item: its packed code of ``modality`` and its metadata."""
+    from medhash.services.index import IndexRecord
 
     return [
         IndexRecord(
@@ -43,7 +43,7 @@ def item_records(items, modality: str, codes: np.ndarray) -> list:
 
 
 def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, progress: bool = True) -> int:
-    """Upsert every item of ``dataset`` into ``index`` (a services.index.CodeIndex); returns the items indexed."""
+    """Upsert every item of ``dataset`` into ``index`` (a medhash.services.index.CodeIndex); returns the items indexed."""
     cfg, model = load_trained(run)
     features = index_features(cfg, dataset, progress)
     items = {item.id: item for item in dataset.items}

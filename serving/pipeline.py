@@ -11,19 +11,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from services.codes import pack_codes
-from services.config import MedhashConfig
-from services.data.images import MAX_PIXELS, decode_image
-from services.errors import ConfigError, DataError
-from services.methods import load_trained
-from services.run_dir import RunDir
+from medhash.services.codes import pack_codes
+from medhash.services.config import MedhashConfig
+from medhash.services.data.images import MAX_PIXELS, decode_image
+from medhash.services.errors import ConfigError, DataError
+from medhash.services.methods import load_trained
+from medhash.services.run_dir import RunDir
 
 
 class ImageEmbedder:
     """Image bytes -> v^x: decode, the run's image backbone, the LSCH image branch."""
 
     def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_pixels: int = MAX_PIXELS):
-        from services.encoders.image import build_image_encoder
+        from medhash.services.encoders.image import build_image_encoder
 
         self.encoder = build_image_encoder(cfg.image_backbone).eval()
         self.model = model
@@ -48,7 +48,7 @@ class TextEmbedder:
     """Report text -> v^y: the run's text encoder, the LSCH text branch."""
 
     def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_chars: int = 20_000):
-        from services.encoders.text import build_text_encoder
+        from medhash.services.encoders.text import build_text_encoder
 
         self.encoder = build_text_encoder(cfg.text_backbone).eval()
         self.model = model

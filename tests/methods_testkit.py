@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.config import MedhashConfig, load_config
-from services.evaluation import evaluate
-from services.methods.base import FIT, Batch
+from medhash.services.config import MedhashConfig, load_config
+from medhash.services.evaluation import evaluate
+from medhash.services.methods.base import FIT, Batch
 
 IMAGE_DIM, TEXT_DIM, CLASSES = 32, 16, 4
 QUERIES = 40
@@ -54,7 +54,7 @@ def train_in_process(model, cfg: MedhashConfig, z, t, labels, seed: int = 0) -> 
 @torch.no_grad()
 def hashed_map(model, z, t, labels, bits: int) -> float:
     """Mean I2T / T2I MAP@all (labels protocol) of the first rows as queries against the rest."""
-    from services.codes import pack_codes
+    from medhash.services.codes import pack_codes
 
     model.eval()
     codes = {
@@ -66,7 +66,7 @@ def hashed_map(model, z, t, labels, bits: int) -> float:
 
 def random_map(labels, bits: int, seed: int = 0) -> float:
     """The same MAP for random codes."""
-    from services.codes import pack_codes
+    from medhash.services.codes import pack_codes
 
     rng = np.random.default_rng(seed)
     codes = {m: pack_codes(rng.integers(0, 2, (len(labels), bits))) for m in ("image", "text")}

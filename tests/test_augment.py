@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.augment import augment_dataset, load_augmentations, run_augmentation
-from services.augment.cache import cache_path
-from services.augment.generators import (
+from medhash.services.augment import augment_dataset, load_augmentations, run_augmentation
+from medhash.services.augment.cache import cache_path
+from medhash.services.augment.generators import (
     ExtractiveGenerator,
     LocalLMGenerator,
     OpenAIGenerator,
@@ -21,10 +21,10 @@ from services.augment.generators import (
     negated_findings,
     positive_findings,
 )
-from services.augment.templates import TEMPLATES, prompt_fields, read_prompt
-from services.config import AugmentConfig, LLMConfig
-from services.data.item import Dataset, Item
-from services.errors import ConfigError, DataError
+from medhash.services.augment.templates import TEMPLATES, prompt_fields, read_prompt
+from medhash.services.config import AugmentConfig, LLMConfig
+from medhash.services.data.item import Dataset, Item
+from medhash.services.errors import ConfigError, DataError
 
 IU_NORMAL = Item(
     id="iu-1", image_paths=(), report="", patient_id="1", labels=("mesh:normal",), split="train", view="PA",
@@ -240,7 +240,7 @@ def test_clean_generation(raw, clean):
 
 
 def test_local_generator_batches_left_padded_prompts():
-    from services.encoders.llm import tiny_causal_lm
+    from medhash.services.encoders.llm import tiny_causal_lm
 
     model, tokenizer = tiny_causal_lm()
     generator = LocalLMGenerator(model, tokenizer, "tiny", max_new_tokens=12, temperature=0.0, batch_size=3)
@@ -354,9 +354,9 @@ def test_openai_generator_errors(chat_server):
 
 @pytest.mark.real
 def test_extractive_on_medpix_and_cli(shared_data, capsys):
-    from services.cli import main
-    from services.config import DataConfig
-    from services.data import open_dataset
+    from medhash.services.cli import main
+    from medhash.services.config import DataConfig
+    from medhash.services.data import open_dataset
 
     dataset = open_dataset(DataConfig(dataset="medpix2", root=shared_data / "medpix2"), pairs_only=False)
     texts = augment_dataset(dataset, AugmentConfig(), LLMConfig(), progress=False)

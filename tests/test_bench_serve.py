@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks.serve_speed import format_report, post_all, summarize
+from medhash.benchmarks.serve_speed import format_report, post_all, summarize
 
 
 def test_summary_of_known_latencies():

@@ -5,12 +5,12 @@ import sys
 
 def test_help_lists_every_subcommand_without_importing_heavy_libraries():
     code = (
-        "import sys; from services.cli import build_parser; build_parser(); "
+        "import sys; from medhash.services.cli import build_parser; build_parser(); "
         "print(sorted(m for m in ('torch', 'ray', 'transformers', 'gradio', 'pymilvus') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    listing = subprocess.run([sys.executable, "-m", "services.cli", "--help"], capture_output=True, text=True).stdout
+    listing = subprocess.run([sys.executable, "-m", "medhash.services.cli", "--help"], capture_output=True, text=True).stdout
     for command in ("data", "features", "augment", "train", "eval"):
         assert command in listing
 
@@ -18,7 +18,7 @@ def test_help_lists_every_subcommand_without_importing_heavy_libraries():
 def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):
     missing = tmp_path / "nowhere"
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "data", "summary", "--dataset", "medpix2", "--root", str(missing)],
+        [sys.executable, "-m", "medhash.services.cli", "data", "summary", "--dataset", "medpix2", "--root", str(missing)],
         capture_output=True, text=True,
     )
     assert out.returncode == 2
@@ -30,7 +30,7 @@ def test_a_wrong_config_value_names_the_field(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("train:\n  batch_size: one\n")
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "train", "--config", str(config), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "medhash.services.cli", "train", "--config", str(config), "--out", str(tmp_path / "run")],
         capture_output=True, text=True,
     )
     assert out.returncode == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.codes import (
+from medhash.services.codes import (
     NPZ_KEYS,
     hamming_distances,
     load_codes_npz,
@@ -12,7 +12,7 @@ from services.codes import (
     save_codes_npz,
     unpack_codes,
 )
-from services.errors import DataError
+from medhash.services.errors import DataError
 
 
 @pytest.mark.parametrize("n_bits", [1, 7, 8, 13, 64, 70, 128])
@@ -41,7 +41,7 @@ def test_hamming_matches_bitwise_reference(n_bits, monkeypatch):
     q = rng.integers(0, 2, size=(11, n_bits), dtype=np.uint8)
     d = rng.integers(0, 2, size=(23, n_bits), dtype=np.uint8)
     expected = np.array([[int((qi != dj).sum()) for dj in d] for qi in q])
-    monkeypatch.setattr("services.codes._CHUNK_BYTES", 1)  # one query per chunk: exercises the loop
+    monkeypatch.setattr("medhash.services.codes._CHUNK_BYTES", 1)  # one query per chunk: exercises the loop
     dist = hamming_distances(pack_codes(q), pack_codes(d))
     assert dist.dtype == np.int32 and dist.shape == (11, 23)
     np.testing.assert_array_equal(dist, expected)

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.data.download import fetch, unpack_pngs
-from services.errors import DataError
+from medhash.services.data.download import fetch, unpack_pngs
+from medhash.services.errors import DataError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

@@ -12,8 +12,8 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from services.data.images import MAX_PIXELS, load_image
-from services.errors import DataError
+from medhash.services.data.images import MAX_PIXELS, load_image
+from medhash.services.errors import DataError
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", **attributes) -> Path:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from services.config import DataConfig
-from services.data import dataset_root, open_dataset
-from services.data.mimic import parse_sections
-from services.errors import DataError
+from medhash.services.config import DataConfig
+from medhash.services.data import dataset_root, open_dataset
+from medhash.services.data.mimic import parse_sections
+from medhash.services.errors import DataError
 
 
 def png(path: Path) -> Path:

@@ -5,10 +5,10 @@ import argparse
 
 import pytest
 
-from services.config import DataConfig
-from services.data import open_dataset
-from services.data.cli import register
-from services.data.splits import mixed_patients
+from medhash.services.config import DataConfig
+from medhash.services.data import open_dataset
+from medhash.services.data.cli import register
+from medhash.services.data.splits import mixed_patients
 
 pytestmark = pytest.mark.real
 FOLDERS = {"medpix2": "medpix2", "covid-cxr": "covid_cxr", "iu-xray": "iu_xray"}

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.data.item import Dataset, Item
-from services.data.splits import apply_split_file, mixed_patients, patient_split, read_split_file
-from services.errors import DataError
+from medhash.services.data.item import Dataset, Item
+from medhash.services.data.splits import apply_split_file, mixed_patients, patient_split, read_split_file
+from medhash.services.errors import DataError
 
 
 def test_patient_split_is_deterministic_and_about_70_10_20():

@@ -91,7 +91,7 @@ def test_rayservice_runs_the_same_serve_application_as_serve_yaml():
     assert service["apiVersion"] == "ray.io/v1"
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     reference = _serve_yaml()
-    assert embedded["applications"][0]["import_path"] == "serving.app:app_builder"
+    assert embedded["applications"][0]["import_path"] == "medhash.serving.app:app_builder"
     # the whole Serve config: import path, args, every deployment's autoscaling and resources
     assert embedded == reference
 
@@ -101,9 +101,9 @@ def test_serve_configs_use_real_deployments_and_valid_options():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-    import serving.app
+    import medhash.serving.app
 
-    in_app = {d.name for d in vars(serving.app).values() if isinstance(d, Deployment)}
+    in_app = {d.name for d in vars(medhash.serving.app).values() if isinstance(d, Deployment)}
     assert in_app == DEPLOYMENTS
     for config in (_serve_yaml(), yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])):
         ServeDeploySchema.model_validate(config)
@@ -174,7 +174,7 @@ def _subcommand_options(parser: argparse.ArgumentParser, command: str) -> set[st
 
 
 def test_rayjob_entrypoint_is_accepted_by_the_real_cli():
-    from services.cli import build_parser
+    from medhash.services.cli import build_parser
 
     parser = build_parser()
     parsed = {}
@@ -195,8 +195,8 @@ def test_rayjob_entrypoint_is_accepted_by_the_real_cli():
 
 
 def test_rayjob_training_config_loads_and_matches_the_gpu_workers():
-    from services.cli import build_parser
-    from services.config import load_config
+    from medhash.services.cli import build_parser
+    from medhash.services.config import load_config
 
     train = build_parser().parse_args(_entrypoint_commands()[0][1:])
     assert (ROOT / train.config).is_file()
@@ -259,9 +259,9 @@ def test_prometheus_scrapes_medhash_metrics_and_ray_discovery():
 
 
 def test_ingress_serves_metrics_at_the_scraped_path():
-    import serving.app
+    import medhash.serving.app
 
-    paths = set(serving.app.api.openapi()["paths"])  # the routes of the Ingress class
+    paths = set(medhash.serving.app.api.openapi()["paths"])  # the routes of the Ingress class
     assert "/search/text" in paths
     jobs = {j["job_name"]: j for j in yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]}
     assert jobs["medhash"].get("metrics_path", "/metrics") in paths
@@ -291,17 +291,17 @@ def _exprs() -> list[str]:
 
 
 def _defined_series() -> dict[str, set[str]]:
-    """Series name -> label names of every metric in serving.metrics.REGISTRY, as Prometheus sees them."""
-    import serving.metrics
+    """Series name -> label names of every metric in medhash.serving.metrics.REGISTRY, as Prometheus sees them."""
+    import medhash.serving.metrics
     from prometheus_client.metrics import MetricWrapperBase
 
     labels_of = {
         m.describe()[0].name: set(m._labelnames)
-        for m in vars(serving.metrics).values() if isinstance(m, MetricWrapperBase)
+        for m in vars(medhash.serving.metrics).values() if isinstance(m, MetricWrapperBase)
     }
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     series = {}
-    for family in serving.metrics.REGISTRY.collect():
+    for family in medhash.serving.metrics.REGISTRY.collect():
         for suffix in suffixes[family.type]:
             series[family.name + suffix] = labels_of[family.name] | ({"le"} if suffix == "_bucket" else set())
     return series

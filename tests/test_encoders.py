@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from services.config import ImageBackboneConfig, LLMConfig, TextBackboneConfig, cache_root
-from services.encoders.image import build_image_encoder, pad_to_square
-from services.encoders.llm import keep_first_layers, load_causal_lm, tiny_causal_lm
-from services.encoders.text import build_text_encoder
-from services.errors import ConfigError, DataError, WeightsError
+from medhash.services.config import ImageBackboneConfig, LLMConfig, TextBackboneConfig, cache_root
+from medhash.services.encoders.image import build_image_encoder, pad_to_square
+from medhash.services.encoders.llm import keep_first_layers, load_causal_lm, tiny_causal_lm
+from medhash.services.encoders.text import build_text_encoder
+from medhash.services.errors import ConfigError, DataError, WeightsError
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from services.codes import pack_codes
-from services.evaluation import evaluate, reference_maps
+from medhash.services.codes import pack_codes
+from medhash.services.evaluation import evaluate, reference_maps
 
 
 def test_one_list_prior_is_the_high_floor_of_a_one_label_dataset():

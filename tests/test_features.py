@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from services.config import ImageBackboneConfig, TextBackboneConfig, load_config
-from services.data.item import Dataset, Item
-from services.encoders.image import build_image_encoder
-from services.encoders.text import build_text_encoder
-from services.features import FeatureCache, extract_image_features, extract_text_features
+from medhash.services.config import ImageBackboneConfig, TextBackboneConfig, load_config
+from medhash.services.data.item import Dataset, Item
+from medhash.services.encoders.image import build_image_encoder
+from medhash.services.encoders.text import build_text_encoder
+from medhash.services.features import FeatureCache, extract_image_features, extract_text_features
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +162,8 @@ def test_text_features_keyed_by_view_and_text(tmp_path, tiny_text_encoder, capsy
 
 @pytest.mark.real
 def test_medpix2_features_with_the_real_backbones(shared_data, tmp_path, capsys):
-    from services.data import open_dataset
-    from services.encoders.cli import run
+    from medhash.services.data import open_dataset
+    from medhash.services.encoders.cli import run
 
     cfg = load_config(data={"dataset": "medpix2", "root": shared_data / "medpix2"})
     dataset = open_dataset(cfg.data)
@@ -179,7 +179,7 @@ def test_medpix2_features_with_the_real_backbones(shared_data, tmp_path, capsys)
     encoder = build_image_encoder(cfg.image_backbone)
     rows = FeatureCache.for_encoder("medpix2", encoder, "image").load()
     first = dataset.items[0]
-    from services.data.images import load_image
+    from medhash.services.data.images import load_image
 
     with torch.inference_mode():
         direct = encoder(encoder.preprocess(load_image(first.image_paths[0])).unsqueeze(0))[0].numpy()

@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from services.codes import hamming_distances
-from services.config import IndexConfig
-from services.errors import ConfigError, DataError
-from services.index import CodeIndex, IndexRecord, open_index, resolve_uri
+from medhash.services.codes import hamming_distances
+from medhash.services.config import IndexConfig
+from medhash.services.errors import ConfigError, DataError
+from medhash.services.index import CodeIndex, IndexRecord, open_index, resolve_uri
 
 BITS = (16, 64, 128)
 N_CODES, N_QUERIES, K = 2000, 20, 10
@@ -163,7 +163,7 @@ def test_bad_inputs_raise_clear_errors(filled, tmp_path):
 
 def test_second_process_is_refused_with_a_clear_message(filled):
     _, path, _ = filled
-    script = f"from services.index import CodeIndex\nCodeIndex({str(path)!r}, [64])"
+    script = f"from medhash.services.index import CodeIndex\nCodeIndex({str(path)!r}, [64])"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert f"another process owns {path}" in result.stderr and "Milvus server URI" in result.stderr

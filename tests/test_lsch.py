@@ -7,19 +7,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from services.codes import pack_codes
-from services.config import LLMConfig, LSCHConfig
-from services.encoders.llm import tiny_causal_lm
-from services.errors import ConfigError, WeightsError
-from services.hashing.gbrbm import GBRBM
-from services.lsch import LSCHModel, alignment_loss, lsch_loss
-from services.lsch.losses import (
+from medhash.services.codes import pack_codes
+from medhash.services.config import LLMConfig, LSCHConfig
+from medhash.services.encoders.llm import tiny_causal_lm
+from medhash.services.errors import ConfigError, WeightsError
+from medhash.services.hashing.gbrbm import GBRBM
+from medhash.services.lsch import LSCHModel, alignment_loss, lsch_loss
+from medhash.services.lsch.losses import (
     contrastive_loss,
     false_negative_mask,
     hard_negative_weights,
     manifold_similarity,
 )
-from services.metrics import hamming_metrics, label_relevance
+from medhash.services.metrics import hamming_metrics, label_relevance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -289,7 +289,7 @@ def test_synthetic_training_beats_random_codes():
 
 @pytest.mark.real
 def test_real_gemma_forward_backward():
-    from services.encoders.llm import load_causal_lm
+    from medhash.services.encoders.llm import load_causal_lm
 
     llm, tokenizer = load_causal_lm(LLMConfig(num_layers=2))
     cfg = LSCHConfig(bits=(32, 64))

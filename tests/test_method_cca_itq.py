@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.methods.cca_itq import CCAITQ, quantization_error
+from medhash.services.methods.cca_itq import CCAITQ, quantization_error
 import methods_testkit as kit
 
 torch.set_num_threads(1)

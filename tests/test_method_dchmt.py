@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, hashed_map, random_map, synthetic, train_in_process
-from services.methods.dchmt import DCHMT, SelectionLayer, selection_distance2, similarity_loss
+from medhash.services.methods.dchmt import DCHMT, SelectionLayer, selection_distance2, similarity_loss
 
 SMALL = {"d_model": 64, "ff_dim": 128, "layers": 1}  # small towers: the test runs on one core
 

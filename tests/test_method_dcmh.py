@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, hashed_map, random_map, synthetic, train_in_process
-from services.methods.base import Batch
-from services.methods.dcmh import DCMH, label_similarity, likelihood_loss
+from medhash.services.methods.base import Batch
+from medhash.services.methods.dcmh import DCMH, label_similarity, likelihood_loss
 
 
 def test_dcmh_beats_random_codes():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, hashed_map, random_map, synthetic, train_in_process
-from services.errors import ConfigError
-from services.methods.base import Batch
-from services.methods.dhaph import DHaPH, ball_distance, reciprocal_triplets, self_paced_loss, to_ball
+from medhash.services.errors import ConfigError
+from medhash.services.methods.base import Batch
+from medhash.services.methods.dhaph import DHaPH, ball_distance, reciprocal_triplets, self_paced_loss, to_ball
 
 SMALL = dict(hidden=128, embed_dim=64, proxies=32)
 

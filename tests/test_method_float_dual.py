@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import methods_testkit as kit
-from services.evaluation import evaluate
-from services.methods.float_dual import FloatDualEncoder
+from medhash.services.evaluation import evaluate
+from medhash.services.methods.float_dual import FloatDualEncoder
 
 torch.set_num_threads(1)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, hashed_map, random_map, synthetic, train_in_process
-from services.errors import ConfigError
-from services.methods.base import Batch
-from services.methods.msach import MSACH
+from medhash.services.errors import ConfigError
+from medhash.services.methods.base import Batch
+from medhash.services.methods.msach import MSACH
 
 
 def with_epochs(align: int, joint: int):

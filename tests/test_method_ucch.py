@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, hashed_map, random_map, synthetic, train_in_process
-from services.errors import ConfigError
-from services.methods.base import Batch
-from services.methods.ucch import UCCH, binary_contrastive_loss, cross_modal_ranking_loss
+from medhash.services.errors import ConfigError
+from medhash.services.methods.base import Batch
+from medhash.services.methods.ucch import UCCH, binary_contrastive_loss, cross_modal_ranking_loss
 
 SMALL = dict(hidden=256)
 

@@ -6,8 +6,8 @@ import csv
 import numpy as np
 import pytest
 
-from services.codes import hamming_distances, pack_codes
-from services.metrics import (
+from medhash.services.codes import hamming_distances, pack_codes
+from medhash.services.metrics import (
     cosine_distance,
     hamming_metrics,
     label_relevance,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.quality import DEFAULT_METHODS, compare, tables
-from services.methods import METHODS
+from medhash.benchmarks.quality import DEFAULT_METHODS, compare, tables
+from medhash.services.methods import METHODS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 

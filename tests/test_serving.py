@@ -19,13 +19,13 @@ import pytest
 import requests
 from PIL import Image
 
-from serving.ingest import index_features, ingest_dataset
-from serving.pipeline import Pipeline
-from services.codes import hamming_distances
-from services.config import DeploymentResources, ServeConfig, load_config
-from services.data import open_dataset
-from services.featureset import build_featureset, limit_per_split
-from services.methods import embed
+from medhash.serving.ingest import index_features, ingest_dataset
+from medhash.serving.pipeline import Pipeline
+from medhash.services.codes import hamming_distances
+from medhash.services.config import DeploymentResources, ServeConfig, load_config
+from medhash.services.data import open_dataset
+from medhash.services.featureset import build_featureset, limit_per_split
+from medhash.services.methods import embed
 
 pytestmark = pytest.mark.real
 
@@ -62,7 +62,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def tiny_run(shared_data, ray_cluster, tmp_path_factory):
-    from training.trainer import train
+    from medhash.training.trainer import train
 
     cfg = tiny_config(shared_data)
     return train(cfg, tmp_path_factory.mktemp("serving") / "run", build_featureset(cfg, progress=False))
@@ -108,7 +108,7 @@ def reference(tiny_run, dataset):
 @pytest.fixture(scope="module")
 def index_uri(tiny_run, dataset, tmp_path_factory):
     """A milvus-lite file holding the tiny run's items, written by the `medhash index` code."""
-    from services.index import CodeIndex
+    from medhash.services.index import CodeIndex
 
     uri = str(tmp_path_factory.mktemp("milvus") / "index.db")
     index = CodeIndex(uri, tuple(tiny_run.config().lsch.bits))
@@ -125,7 +125,7 @@ def start(run, uri: str, port: int, options: dict | None = None, **serve_fields)
     """(Re)start Serve and the application; the base URL."""
     from ray import serve
 
-    from serving.app import build_app
+    from medhash.serving.app import build_app
 
     serve.shutdown()
     fields = dict(port=port, max_request_bytes=MAX_REQUEST_BYTES, max_image_pixels=MAX_IMAGE_PIXELS, auth_token_env=TOKEN_ENV)
@@ -374,7 +374,7 @@ def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_
 
 
 def test_ingest_speed_benchmark_indexes_every_item_and_reports_both_passes(tiny_run, dataset):
-    from benchmarks.ingest_speed import format_report, measure_ingest_speed
+    from medhash.benchmarks.ingest_speed import format_report, measure_ingest_speed
 
     encoders, indexing = measure_ingest_speed(tiny_run, dataset, n_items=8, batch_size=4)
     assert encoders.items == indexing.items == 8

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from serving.app import app_builder, auth_token, is_server_uri
-from serving.cli import read_serve_config
-from services.config import ServeConfig, load_config
-from services.errors import ConfigError
+from medhash.serving.app import app_builder, auth_token, is_server_uri
+from medhash.serving.cli import read_serve_config
+from medhash.services.config import ServeConfig, load_config
+from medhash.services.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
 

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import yaml
 
-from services.codes import hamming_distances, load_codes_npz
-from services.config import load_config
-from services.evaluation import evaluate
-from services.featureset import build_featureset
-from services.metrics import label_relevance, retrieval_metrics
-from training.evaluate import evaluate_run
-from training.trainer import train
+from medhash.services.codes import hamming_distances, load_codes_npz
+from medhash.services.config import load_config
+from medhash.services.evaluation import evaluate
+from medhash.services.featureset import build_featureset
+from medhash.services.metrics import label_relevance, retrieval_metrics
+from medhash.training.evaluate import evaluate_run
+from medhash.training.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 

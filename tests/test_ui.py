@@ -14,10 +14,10 @@ import pytest
 import requests
 import yaml
 
-from services.config import UIConfig
-from services.errors import ConfigError
-from ui.app import SearchApp, result_cards, users_from
-from ui.client import SearchClient
+from medhash.services.config import UIConfig
+from medhash.services.errors import ConfigError
+from medhash.ui.app import SearchApp, result_cards, users_from
+from medhash.ui.client import SearchClient
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"  # screenshots of the browser test, kept after the run

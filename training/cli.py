@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from services.config import load_config
-    from training.trainer import train
+    from medhash.services.config import load_config
+    from medhash.training.trainer import train
 
     cfg = load_config(
         args.config,
@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_run, results_table
+    from medhash.training.evaluate import evaluate_run, results_table
 
     results = evaluate_run(args.run, args.out, args.split_file, root=args.root, on=args.on)
     print(results_table(results))

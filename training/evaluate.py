@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from services.codes import hamming_distances, save_codes_npz
-from services.errors import ConfigError
-from services.evaluation import evaluate, reference_maps
-from services.featureset import FeatureSet, build_featureset
-from services.methods import embed, hash_codes, load_trained
-from services.metrics import pr_curve_by_radius, protocol_relevance
-from services.run_dir import RunDir
+from medhash.services.codes import hamming_distances, save_codes_npz
+from medhash.services.errors import ConfigError
+from medhash.services.evaluation import evaluate, reference_maps
+from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.methods import embed, hash_codes, load_trained
+from medhash.services.metrics import pr_curve_by_radius, protocol_relevance
+from medhash.services.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from services.config import MedhashConfig
-from services.evaluation import evaluate
-from services.featureset import FeatureSet
-from services.methods import build_model, embed, hash_codes
-from services.methods.base import FIT, Batch
+from medhash.services.config import MedhashConfig
+from medhash.services.evaluation import evaluate
+from medhash.services.featureset import FeatureSet
+from medhash.services.methods import build_model, embed, hash_codes
+from medhash.services.methods.base import FIT, Batch
 
 STATE_FILE = "state.pt"
 
@@ -83,7 +83,7 @@ def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> d
     """One pass over the shuffled train rows; returns the mean of each loss term.
 
     Every worker draws the same global batches and augmented views; the model may embed only this
-    worker's share and gather the embeddings (see services.methods.base.Batch). With gradients
+    worker's share and gather the embeddings (see medhash.services.methods.base.Batch). With gradients
     averaged afterwards, N workers take exactly the step one worker would.
     """
     batch = cfg.train.batch_size

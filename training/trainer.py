@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from services.config import MedhashConfig
-from services.errors import ConfigError
-from services.featureset import FeatureSet, build_featureset
-from services.methods import schedule
-from training.loop import STATE_FILE, train_loop
-from training.plots import plot_history
-from services.run_dir import RunDir
+from medhash.services.config import MedhashConfig
+from medhash.services.errors import ConfigError
+from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.methods import schedule
+from medhash.training.loop import STATE_FILE, train_loop
+from medhash.training.plots import plot_history
+from medhash.services.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

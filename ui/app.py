@@ -20,9 +20,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from services.config import UIConfig  # noqa: E402
-from services.errors import ConfigError  # noqa: E402
-from ui.client import ApiError, SearchClient, SearchQuery  # noqa: E402
+from medhash.services.config import UIConfig  # noqa: E402
+from medhash.services.errors import ConfigError  # noqa: E402
+from medhash.ui.client import ApiError, SearchClient, SearchQuery  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import requests
 
-from services.config import UIConfig, cache_root, load_config
-from services.errors import ConfigError
+from medhash.services.config import UIConfig, cache_root, load_config
+from medhash.services.errors import ConfigError
 
 API_START_TIMEOUT_S = 600.0  # Ray start, model loads and the first replicas on a busy 2-core machine
 
@@ -55,7 +55,7 @@ def ui_config(args: argparse.Namespace, **fields) -> UIConfig:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    from ui.app import launch
+    from medhash.ui.app import launch
 
     cfg = ui_config(args, api_url=args.api_url)
     print(f"medhash UI on http://{cfg.host}:{cfg.port} for the API at {cfg.api_url}; Ctrl-C stops")
@@ -64,7 +64,7 @@ def run_ui(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ui.app import launch, users_from
+    from medhash.ui.app import launch, users_from
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
@@ -80,14 +80,14 @@ def run_demo(args: argparse.Namespace) -> int:
         os.environ[cfg.users_env] = f"demo:{password}"
         print(f"UI login: user 'demo', password '{password}' (set ${cfg.users_env} to choose your own)")
 
-    index = [sys.executable, "-m", "services.cli", "index", "--run", str(run), "--milvus-uri", uri,
+    index = [sys.executable, "-m", "medhash.services.cli", "index", "--run", str(run), "--milvus-uri", uri,
              "--dataset", args.dataset or load_config(run / "config.yaml").data.dataset]
     index += ["--root", str(args.root)] if args.root else []
     index += ["--limit", str(args.limit)] if args.limit else []
     subprocess.run(index, check=True)
 
     serve = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--run", str(run), "--milvus-uri", uri,
+        [sys.executable, "-m", "medhash.services.cli", "serve", "--run", str(run), "--milvus-uri", uri,
          "--host", "127.0.0.1", "--port", str(args.api_port)],
         start_new_session=True,
     )

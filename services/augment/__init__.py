@@ -11,13 +11,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.augment.cache import AugmentCache, Record, cache_path, prompt_hash
-from services.augment.generators import Generator, generator_key, make_generator
-from services.augment.templates import TEMPLATES, acquisition, prompt_fields
-from services.config import AugmentConfig, LLMConfig
-from services.data.item import Dataset, Item
-from services.data.text import summarize
-from services.errors import DataError
+from medhash.services.augment.cache import AugmentCache, Record, cache_path, prompt_hash
+from medhash.services.augment.generators import Generator, generator_key, make_generator
+from medhash.services.augment.templates import TEMPLATES, acquisition, prompt_fields
+from medhash.services.config import AugmentConfig, LLMConfig
+from medhash.services.data.item import Dataset, Item
+from medhash.services.data.text import summarize
+from medhash.services.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from services.config import cache_root
-from services.errors import DataError
+from medhash.services.config import cache_root
+from medhash.services.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from services.config import load_config
+from medhash.services.config import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_augment(args: argparse.Namespace) -> int:
-    from services.augment import run_augmentation
-    from services.data import open_dataset
-    from services.errors import ConfigError
+    from medhash.services.augment import run_augmentation
+    from medhash.services.data import open_dataset
+    from medhash.services.errors import ConfigError
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")

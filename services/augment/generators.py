@@ -20,9 +20,9 @@ from typing import Protocol
 
 import requests
 
-from services.augment.templates import Template, read_prompt
-from services.config import AugmentConfig, LLMConfig
-from services.errors import ConfigError, DataError
+from medhash.services.augment.templates import Template, read_prompt
+from medhash.services.config import AugmentConfig, LLMConfig
+from medhash.services.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def make_generator(cfg: AugmentConfig, llm_cfg: LLMConfig) -> Generator:
     if cfg.generator == "extractive":
         return ExtractiveGenerator()
     if cfg.generator == "local":
-        from services.encoders.llm import load_causal_lm
+        from medhash.services.encoders.llm import load_causal_lm
 
         model, tokenizer = load_causal_lm(llm_cfg)
         return LocalLMGenerator(model, tokenizer, key, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.data.item import Item
+from medhash.services.data.item import Item
 
 # Section names the dataset readers use, by role (the first non-empty one wins). MedPix's caption
 # (the image's own text) comes before its case-level findings.

@@ -8,9 +8,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from services.config import DataConfig
-from services.data.item import SPLITS, Dataset, Item
-from services.errors import DataError
+from medhash.services.config import DataConfig
+from medhash.services.data.item import SPLITS, Dataset, Item
+from medhash.services.errors import DataError
 
 __all__ = ["SPLITS", "Dataset", "Item", "dataset_root", "is_pair", "open_dataset"]
 
@@ -46,12 +46,12 @@ def open_dataset(cfg: DataConfig, *, pairs_only: bool = True) -> Dataset:
     or without report text are left out, counted in ``problems``, and a dataset with no pair at
     all is a DataError; ``pairs_only=False`` keeps every item (e.g. IU X-ray reports without images).
     """
-    from services.data.covid import read_covid
-    from services.data.iu_xray import read_iu_xray
-    from services.data.manifest import read_manifest
-    from services.data.medpix import read_medpix
-    from services.data.mimic import read_mimic
-    from services.data.splits import apply_split_file
+    from medhash.services.data.covid import read_covid
+    from medhash.services.data.iu_xray import read_iu_xray
+    from medhash.services.data.manifest import read_manifest
+    from medhash.services.data.medpix import read_medpix
+    from medhash.services.data.mimic import read_mimic
+    from medhash.services.data.splits import apply_split_file
 
     root = dataset_root(cfg)
     readers = {

@@ -5,7 +5,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from services.config import load_config
+from medhash.services.config import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    from services.data import open_dataset
+    from medhash.services.data import open_dataset
 
     fields = {k: getattr(args, k) for k in ("dataset", "root", "images", "reports", "split_file", "seed")}
     cfg = load_config(args.config, data=fields).data
@@ -39,7 +39,7 @@ def run_summary(args: argparse.Namespace) -> int:
 
 def summary_lines(dataset, top: int = 20) -> list[str]:
     """The summary report: counts, per-split counts, label frequencies, problems."""
-    from services.data import SPLITS, is_pair
+    from medhash.services.data import SPLITS, is_pair
 
     items = dataset.items
     patients = {it.patient_id for it in items}
@@ -70,7 +70,7 @@ def summary_lines(dataset, top: int = 20) -> list[str]:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from services.data.download import download
+    from medhash.services.data.download import download
 
     for line in download(args.name, args.dest):
         print(line)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.data.item import Dataset, Item
-from services.data.splits import patient_split
-from services.data.text import clean, read_rows, require_columns, summarize
-from services.errors import DataError
+from medhash.services.data.item import Dataset, Item
+from medhash.services.data.splits import patient_split
+from medhash.services.data.text import clean, read_rows, require_columns, summarize
+from medhash.services.errors import DataError
 
 
 def read_covid(root: Path, seed: int) -> Dataset:

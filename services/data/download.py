@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from services.errors import DataError
+from medhash.services.errors import DataError
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20

@@ -10,7 +10,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.multival import MultiValue
 
-from services.errors import DataError
+from medhash.services.errors import DataError
 
 MAX_PIXELS = 100_000_000  # decompression-bomb limit: larger images are refused, not just warned about
 

@@ -24,10 +24,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.data.item import Dataset, Item
-from services.data.splits import patient_split
-from services.data.text import read_rows, summarize
-from services.errors import DataError
+from medhash.services.data.item import Dataset, Item
+from medhash.services.data.splits import patient_split
+from medhash.services.data.text import read_rows, summarize
+from medhash.services.errors import DataError
 
 REPORTS_TGZ = "NLMCXR_reports.tgz"
 REPORTS_DIR = "ecgen-radiology"

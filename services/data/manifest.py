@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from services.data.item import SPLITS, Dataset, Item
-from services.data.splits import patient_split
-from services.data.text import clean, read_rows, require_columns, summarize
-from services.errors import DataError
+from medhash.services.data.item import SPLITS, Dataset, Item
+from medhash.services.data.splits import patient_split
+from medhash.services.data.text import clean, read_rows, require_columns, summarize
+from medhash.services.errors import DataError
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 

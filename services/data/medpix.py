@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.data.item import Dataset, Item
-from services.data.text import clean, read_rows, require_columns, summarize
-from services.errors import DataError
+from medhash.services.data.item import Dataset, Item
+from medhash.services.data.text import clean, read_rows, require_columns, summarize
+from medhash.services.errors import DataError
 
 OFFICIAL_SPLITS = {"train_1": "train", "train_2": "train", "dev": "dev", "test": "query"}
 SECTIONS = {  # section name -> pairs.csv column

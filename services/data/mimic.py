@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from services.data.item import Dataset, Item
-from services.data.text import decode, read_rows, require_columns, summarize
-from services.errors import DataError
+from medhash.services.data.item import Dataset, Item
+from medhash.services.data.text import decode, read_rows, require_columns, summarize
+from medhash.services.errors import DataError
 
 PREFIX = "mimic-cxr-2.0.0"
 CHEXPERT = (

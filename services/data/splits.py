@@ -7,9 +7,9 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-from services.data.item import SPLITS, Dataset
-from services.data.text import summarize
-from services.errors import DataError
+from medhash.services.data.item import SPLITS, Dataset
+from medhash.services.data.text import summarize
+from medhash.services.errors import DataError
 
 FRACTIONS = {"train": 0.7, "dev": 0.1, "query": 0.2}
 

@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from services.errors import DataError
+from medhash.services.errors import DataError
 
 
 def read_bytes(path: Path) -> bytes:

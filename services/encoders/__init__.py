@@ -4,7 +4,7 @@ Heavy libraries are imported inside functions so that ``medhash --help`` stays f
 """
 from __future__ import annotations
 
-from services.errors import WeightsError
+from medhash.services.errors import WeightsError
 
 
 def load_hf_model(name: str, what: str):

@@ -19,11 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.config import load_config
-    from services.data import open_dataset
-    from services.encoders.image import build_image_encoder
-    from services.encoders.text import build_text_encoder
-    from services.features import FeatureCache, extract_image_features, extract_text_features
+    from medhash.services.config import load_config
+    from medhash.services.data import open_dataset
+    from medhash.services.encoders.image import build_image_encoder
+    from medhash.services.encoders.text import build_text_encoder
+    from medhash.services.features import FeatureCache, extract_image_features, extract_text_features
 
     cfg = load_config(args.config, data={"dataset": args.dataset, "root": args.root})
     dataset = open_dataset(cfg.data)

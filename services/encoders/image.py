@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from services.config import ImageBackboneConfig
-from services.encoders import load_hf_model
-from services.errors import ConfigError, WeightsError
+from medhash.services.config import ImageBackboneConfig
+from medhash.services.encoders import load_hf_model
+from medhash.services.errors import ConfigError, WeightsError
 
 
 class ImageEncoder(nn.Module):

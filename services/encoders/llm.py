@@ -20,8 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from services.config import LLMConfig, cache_root
-from services.errors import ConfigError, WeightsError
+from medhash.services.config import LLMConfig, cache_root
+from medhash.services.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 

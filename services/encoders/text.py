@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.config import TextBackboneConfig
-from services.encoders import load_hf_model
-from services.errors import DataError, WeightsError
+from medhash.services.config import TextBackboneConfig
+from medhash.services.encoders import load_hf_model
+from medhash.services.errors import DataError, WeightsError
 
 OFFLINE_MINILM = "all-MiniLM-L6-v2"
 

@@ -1,4 +1,4 @@
 """Hashing layers that turn continuous embeddings into binary codes."""
-from services.hashing.gbrbm import GBRBM, pretrain_gbrbm
+from medhash.services.hashing.gbrbm import GBRBM, pretrain_gbrbm
 
 __all__ = ["GBRBM", "pretrain_gbrbm"]

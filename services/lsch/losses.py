@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from services.config import LSCHConfig
+from medhash.services.config import LSCHConfig
 
 if TYPE_CHECKING:
-    from services.lsch.model import LSCHModel
+    from medhash.services.lsch.model import LSCHModel
 
 
 def false_negative_mask(labels: torch.Tensor | None, n: int, policy: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ Our reading of the method:
   embeddings, then a LayerNorm scaled to the RMS of the LLM's own input embeddings, so X looks
   like a short "sentence" to the LLM. Ablation off: one plain linear map Z -> one token;
 - **LLM encoding layer** (text): text features -> Y, ``m_txt_tokens`` tokens, the same structure;
-- **prompt-tuned LLM alignment** (stage 3, :class:`~services.lsch.prompts.PromptedLLM`): the frozen
+- **prompt-tuned LLM alignment** (stage 3, :class:`~medhash.services.lsch.prompts.PromptedLLM`): the frozen
   LLM reads [BOS, soft prompt, hard prompt, x or y tokens]; v^x / v^y = its pooled last hidden
   state. Ablation "LLM off": v = a linear map of the mean of the x / y tokens;
 - **GBRBM hashing** (stage 4): v is standardised by a learned LayerNorm (the Gaussian visible units
@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.config import LSCHConfig, MedhashConfig
-from services.errors import ConfigError, WeightsError
-from services.hashing.gbrbm import GBRBM
-from services.lsch.losses import embedding_alignment_loss, hashing_loss, pair_features
-from services.lsch.prompts import PromptedLLM
+from medhash.services.config import LSCHConfig, MedhashConfig
+from medhash.services.errors import ConfigError, WeightsError
+from medhash.services.hashing.gbrbm import GBRBM
+from medhash.services.lsch.losses import embedding_alignment_loss, hashing_loss, pair_features
+from medhash.services.lsch.prompts import PromptedLLM
 
 LLM_PREFIX = "prompted.llm."
 
@@ -166,7 +166,7 @@ class LSCHModel(nn.Module):
         return ["align"] * cfg.train.align_epochs + ["rbm"] * rbm_epochs + ["joint"] * cfg.train.joint_epochs
 
     def batch_loss(self, stage: str, batch, cfg: MedhashConfig) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one global batch (a services.methods.base.Batch) in ``stage``.
+        """The loss of one global batch (a medhash.services.methods.base.Batch) in ``stage``.
 
         This worker embeds its share of the batch; the embeddings are gathered so every worker
         scores the whole global batch. The GBRBM stage needs no gathering (CD on local v).

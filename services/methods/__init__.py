@@ -1,7 +1,7 @@
 """Every hashing method by name, and what runs any of them: build, load a run, embed, hash.
 
 ``cfg.method`` picks the method; each is a model class with the interface of
-:class:`services.methods.base.HashModel` (LSCH's :class:`services.lsch.model.LSCHModel` included), so
+:class:`medhash.services.methods.base.HashModel` (LSCH's :class:`medhash.services.lsch.model.LSCHModel` included), so
 the Ray Train loop, evaluation and the Serve deployments never ask which method they run.
 """
 from __future__ import annotations
@@ -11,20 +11,20 @@ from importlib import import_module
 import numpy as np
 import torch
 
-from services.codes import pack_codes
-from services.config import MedhashConfig
-from services.errors import ConfigError
-from services.run_dir import RunDir
+from medhash.services.codes import pack_codes
+from medhash.services.config import MedhashConfig
+from medhash.services.errors import ConfigError
+from medhash.services.run_dir import RunDir
 
 METHODS = {  # name -> "module:class"
-    "lsch": "services.lsch.model:LSCHModel",
-    "msach": "services.methods.msach:MSACH",
-    "dcmh": "services.methods.dcmh:DCMH",
-    "dchmt": "services.methods.dchmt:DCHMT",
-    "dhaph": "services.methods.dhaph:DHaPH",
-    "ucch": "services.methods.ucch:UCCH",
-    "cca-itq": "services.methods.cca_itq:CCAITQ",
-    "float-dual": "services.methods.float_dual:FloatDualEncoder",
+    "lsch": "medhash.services.lsch.model:LSCHModel",
+    "msach": "medhash.services.methods.msach:MSACH",
+    "dcmh": "medhash.services.methods.dcmh:DCMH",
+    "dchmt": "medhash.services.methods.dchmt:DCHMT",
+    "dhaph": "medhash.services.methods.dhaph:DHaPH",
+    "ucch": "medhash.services.methods.ucch:UCCH",
+    "cca-itq": "medhash.services.methods.cca_itq:CCAITQ",
+    "float-dual": "medhash.services.methods.float_dual:FloatDualEncoder",
 }
 
 
@@ -39,7 +39,7 @@ def method_class(name: str) -> type:
 def build_model(cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int) -> torch.nn.Module:
     """The untrained model of ``cfg.method`` (LSCH with its frozen LLM loaded)."""
     if cfg.method == "lsch":
-        from services.lsch.pipeline import build_lsch
+        from medhash.services.lsch.pipeline import build_lsch
 
         return build_lsch(cfg, image_dim, text_dim, n_labels)
     return method_class(cfg.method)(cfg, image_dim, text_dim, n_labels)

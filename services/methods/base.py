@@ -1,6 +1,6 @@
 """The interface every hashing method implements, so one training loop, evaluation and service run them all.
 
-A method is a :class:`HashModel` subclass registered in :data:`services.methods.METHODS`. It maps frozen
+A method is a :class:`HashModel` subclass registered in :data:`medhash.services.methods.METHODS`. It maps frozen
 backbone features to float embeddings (``embed_image`` / ``embed_text``, the "float" rows of the
 results) and those to binary codes at each code length (``hash_probs`` > 0.5). Training is a list of
 stages, one per epoch (``schedule``); each step gets a global batch and returns the loss
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from services.config import MedhashConfig, Section
-from services.errors import ConfigError, WeightsError
+from medhash.services.config import MedhashConfig, Section
+from medhash.services.errors import ConfigError, WeightsError
 
 FIT = "fit"  # the stage of closed-form methods
 

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from services.config import MedhashConfig, Section
-from services.methods.base import FIT, HashModel
+from medhash.services.config import MedhashConfig, Section
+from medhash.services.methods.base import FIT, HashModel
 
 
 class CCAITQParams(Section):

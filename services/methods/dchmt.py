@@ -6,7 +6,7 @@ Cross-modal Hashing via Multimodal Transformers", ACM Multimedia (MM) 2022.
 What we implement (our reading of the paper and its authors' public code):
 
 - **towers**: each modality's feature vector becomes a few tokens
-  (:class:`~services.lsch.model.TokenProjection`), its own small Transformer encoder reads them, and
+  (:class:`~medhash.services.lsch.model.TokenProjection`), its own small Transformer encoder reads them, and
   the mean-pooled, LayerNorm-ed output is the modality's representation (the paper: CLIP's ViT and
   text Transformer);
 - **selection mechanism** (the differentiable hashing layer): per modality and code length, a hidden
@@ -45,10 +45,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from services.config import MedhashConfig, Section
-from services.errors import ConfigError
-from services.lsch.model import TokenProjection
-from services.methods.base import Batch, HashModel
+from medhash.services.config import MedhashConfig, Section
+from medhash.services.errors import ConfigError
+from medhash.services.lsch.model import TokenProjection
+from medhash.services.methods.base import Batch, HashModel
 
 
 class DCHMTParams(Section):

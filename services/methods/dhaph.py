@@ -58,9 +58,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from services.config import MedhashConfig, Section
-from services.errors import ConfigError
-from services.methods.base import Batch, HashModel
+from medhash.services.config import MedhashConfig, Section
+from medhash.services.errors import ConfigError
+from medhash.services.methods.base import Batch, HashModel
 
 JOINT = "joint"  # delta = 1 (0 when self-pacing is off); the epochs the best model is chosen from
 PACE = re.compile(r"pace (\d+)/(\d+)")  # epoch e of a k-epoch ramp: delta = e / k

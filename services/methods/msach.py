@@ -15,7 +15,7 @@ Our reading of the method (only the abstract is available to us):
   they leave :meth:`MSACH.trainable_parameters`; embeddings computed without gradients, dropout
   off) and one hash layer u = tanh(W v) per code length learns from the
   **manifold similarity** constraint on the codes (S_ma: label cosine blended with a kNN graph over
-  the batch's frozen features, :func:`~services.lsch.losses.manifold_similarity`), **bit balance**,
+  the batch's frozen features, :func:`~medhash.services.lsch.losses.manifold_similarity`), **bit balance**,
   quantisation |u| -> 1 and a **linear classification network** predicting the labels from u;
 - the code is sign(u), i.e. ``hash_probs`` = (u + 1) / 2 > 0.5.
 
@@ -29,7 +29,7 @@ Differences from the paper:
 
 - inputs are frozen feature vectors, not images and reports: the CNN / text feature extractors are
   replaced by a linear projection of each feature vector to a few tokens
-  (:class:`~services.lsch.model.TokenProjection`) in front of the shared Transformer encoder;
+  (:class:`~medhash.services.lsch.model.TokenProjection`) in front of the shared Transformer encoder;
 - the alignment loss of the "features" stage (InfoNCE) and the exact form of each constraint are
   ours (the paper's formulas are not available to us); the manifold term regresses (1 + cosine) / 2
   of v, and (1 + u_i . u_j / K) / 2 of the codes, onto S_ma across and within modalities;
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from services.config import MedhashConfig, Section
-from services.errors import ConfigError
-from services.lsch.losses import (
+from medhash.services.config import MedhashConfig, Section
+from medhash.services.errors import ConfigError
+from medhash.services.lsch.losses import (
     balance_loss,
     classification_loss,
     contrastive_loss,
@@ -55,8 +55,8 @@ from services.lsch.losses import (
     pair_features,
     quantization_loss,
 )
-from services.lsch.model import TokenProjection
-from services.methods.base import Batch, HashModel
+from medhash.services.lsch.model import TokenProjection
+from medhash.services.methods.base import Batch, HashModel
 
 FEATURES, HASH = "features", "hash"
 

@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from services.config import MedhashConfig, Section
-from services.errors import ConfigError
-from services.methods.base import Batch, HashModel
+from medhash.services.config import MedhashConfig, Section
+from medhash.services.errors import ConfigError
+from medhash.services.methods.base import Batch, HashModel
 
 JOINT = "joint"
 
