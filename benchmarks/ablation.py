@@ -27,7 +27,7 @@ from medhash.services.config import load_config
 STUDIES = {
     "stages": {
         "LSCH (full)": {},
-        "w/o augmentation": {"use_augmentation": False},
+        "w/o augmentation": {"augment.use_views": False},
         "w/o structured encoding": {"use_structured_encoding": False},
         "w/o soft prompt": {"use_soft_prompt": False},
         "w/o hard prompt": {"use_hard_prompt": False},
@@ -55,7 +55,8 @@ def run_study(
     for name, switches in STUDIES[study].items():
         per_seed = []
         for seed in seeds:
-            cfg = load_config(config, data={"root": root}, lsch={"bits": (bits,), **switches}, train={"seed": seed})
+            switches = {k if "." in k else f"method_params.lsch.{k}": v for k, v in switches.items()}
+            cfg = load_config(config, {"data.root": root, "codes.bits": (bits,), "train.seed": seed, **switches})
             results, wall_s = trained_results(cfg, out / slug(name) / f"seed{seed}", on)
             per_seed.append((results["bits"][str(bits)], wall_s))
         rows.append((name, per_seed))

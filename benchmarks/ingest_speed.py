@@ -54,10 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if args.items < 1 or args.batch_size < 1:
         raise ConfigError("need --items >= 1 and --batch-size >= 1")
     run_dir = RunDir(args.run)
-    data_cfg = run_dir.config().data
-    if args.root is not None:
-        data_cfg = data_cfg.model_copy(update={"root": args.root})
-    encoders, indexing = measure_ingest_speed(run_dir, open_dataset(data_cfg), args.items, args.batch_size)
+    dataset = open_dataset(run_dir.data_config(root=args.root))
+    encoders, indexing = measure_ingest_speed(run_dir, dataset, args.items, args.batch_size)
     print(format_report(encoders, indexing, args.batch_size))
     return 0
 
@@ -68,12 +66,13 @@ def measure_ingest_speed(run: RunDir, dataset: Dataset, n_items: int = 200, batc
     import torch
 
     from medhash.serving.app import index_settings
+    from medhash.serving.config import ServeConfig
     from medhash.serving.pipeline import Pipeline
     from medhash.services.index import open_index
 
-    settings = run.config()
-    torch.set_num_threads(settings.serve.torch_threads)  # as one Serve replica has
-    pipeline = Pipeline.load(run, settings.serve.max_image_pixels, settings.serve.max_text_chars)
+    serve = ServeConfig()  # the defaults the Serve app runs with
+    torch.set_num_threads(serve.torch_threads)  # as one Serve replica has
+    pipeline = Pipeline.load(run, serve.max_image_pixels, serve.max_text_chars)
     items = [item for item in dataset.items if item.image_paths and item.report.strip()][:n_items]
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     encode(pipeline, batches[0], IngestTiming(0))  # warm-up: first-call allocations and lazy loads
@@ -82,7 +81,7 @@ def measure_ingest_speed(run: RunDir, dataset: Dataset, n_items: int = 200, batc
         encode(pipeline, batch, encoders)
     indexing = IngestTiming(len(items))
     with tempfile.TemporaryDirectory(prefix="medhash-ingest-") as tmp:
-        index = open_index(index_settings(settings, str(Path(tmp) / "bench.db")), pipeline.hasher.bits)
+        index = open_index(index_settings(run.config().index, str(Path(tmp) / "bench.db")), pipeline.hasher.bits)
         try:
             for batch in batches:
                 ingest(pipeline, index, batch, encode(pipeline, batch, indexing), indexing)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medhash.services.cli import code_lengths
+
 DEFAULT_METHODS = ("lsch", "msach", "dcmh", "dchmt", "dhaph", "ucch", "cca-itq", "float-dual")
 UPPER_BOUND = "float-dual"  # reported from its float (cosine) embeddings, not its codes
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
@@ -26,7 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("quality", help="every hashing method on the same features: MAP tables over seeds")
     parser.add_argument("--dataset", required=True, choices=["medpix2", "covid-cxr"])
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default: all)")
-    parser.add_argument("--bits", default="32,64,128", help="code lengths (default 32,64,128)")
+    parser.add_argument("--bits", type=code_lengths, default=(32, 64, 128), help="code lengths (default 32,64,128)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (default 0,1,2)")
     parser.add_argument("--lsch-config", type=Path, help="LSCH's config (default training/configs/<dataset>-lsch.yaml)")
     parser.add_argument("--baseline-config", type=Path, help="the baselines' config (default <dataset>-baselines.yaml)")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    bits = tuple(int(b) for b in args.bits.split(","))
+    bits = args.bits
     seeds = tuple(int(s) for s in args.seeds.split(","))
     configs = {
         "lsch": args.lsch_config or CONFIGS / f"{args.dataset}-lsch.yaml",
@@ -62,8 +64,7 @@ def compare(methods, bits, seeds, configs: dict[str, Path], out: Path, root: Pat
     for method in methods:
         for seed in seeds:
             path = configs["lsch"] if method == "lsch" else configs["baselines"]
-            cfg = load_config(path, data={"root": root}, lsch={"bits": bits}, train={"seed": seed})
-            cfg = cfg.model_copy(update={"method": method})
+            cfg = load_config(path, {"data.root": root, "codes.bits": bits, "train.seed": seed, "method": method})
             results, wall_s = trained_results(cfg, out / method / f"seed{seed}")
             rows.append((method, seed, results, wall_s))
     out.mkdir(parents=True, exist_ok=True)

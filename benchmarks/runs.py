@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 from medhash.services.config import MedhashConfig
-from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.features.featureset import FeatureSet, build_featureset
 from medhash.services.run_dir import RunDir
-from medhash.training.evaluate import evaluate_run
+from medhash.services.evaluation.run import evaluate_run
 from medhash.training.trainer import train
 
 

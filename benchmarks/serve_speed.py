@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medhash.services.config import DATASETS
 from medhash.services.data.item import Dataset
 from medhash.services.run_dir import RunDir
 
@@ -28,7 +29,6 @@ K = 10
 HOST = "127.0.0.1"
 WARMUP = 3  # requests sent before timing each path
 REQUEST_TIMEOUT_S = 60.0
-DATASETS = ["medpix2", "covid-cxr", "iu-xray", "mimic-cxr", "manifest"]
 
 
 @dataclass(frozen=True)
@@ -131,14 +131,9 @@ def measure_serve_speed(run: RunDir, dataset: Dataset, uri: str, requests: int =
 
 
 def _dataset(args: argparse.Namespace) -> Dataset:
-    from medhash.services.config import DataConfig
     from medhash.services.data import open_dataset
 
-    run_data = RunDir(args.run).config().data
-    data_cfg = run_data if args.dataset in (None, run_data.dataset) else DataConfig(dataset=args.dataset)
-    if args.root is not None:
-        data_cfg = data_cfg.model_copy(update={"root": args.root})
-    return open_dataset(data_cfg)
+    return open_dataset(RunDir(args.run).data_config(args.dataset, args.root))
 
 
 def _open(run: RunDir, uri: str):
@@ -146,7 +141,7 @@ def _open(run: RunDir, uri: str):
     from medhash.services.index import open_index
 
     cfg = run.config()
-    return open_index(index_settings(cfg, uri), cfg.lsch.bits)
+    return open_index(index_settings(cfg.index, uri), cfg.codes.bits)
 
 
 def _ensure_indexed(run: RunDir, dataset: Dataset, uri: str) -> None:
@@ -155,7 +150,7 @@ def _ensure_indexed(run: RunDir, dataset: Dataset, uri: str) -> None:
 
     index = _open(run, uri)
     try:
-        bits = run.config().lsch.bits
+        bits = run.config().codes.bits
         if any(index.count(b) < 2 * len(dataset) for b in bits):
             ingest_dataset(run, index, dataset)
     finally:
@@ -166,9 +161,10 @@ def _in_process(run: RunDir, uri: str, texts: list[str], images: list[bytes], co
     """The query path in this process: Pipeline codes, then CodeIndex search (as the Serve defaults ask)."""
     import torch
 
+    from medhash.serving.config import ServeConfig
     from medhash.serving.pipeline import Pipeline
 
-    settings = run.config().serve
+    settings = ServeConfig()  # the defaults the Serve app runs with
     torch.set_num_threads(settings.torch_threads)  # as each Serve replica has
     pipeline = Pipeline.load(run, settings.max_image_pixels, settings.max_text_chars)
     bits = pipeline.hasher.bits[-1]
@@ -195,9 +191,9 @@ def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes],
     from ray import serve
 
     from medhash.serving.app import build_app
+    from medhash.serving.config import load_serving_config
 
-    settings = run.config()
-    settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"host": HOST, "port": port})})
+    settings = load_serving_config(None, {"serve.host": HOST, "serve.port": port})
     one_replica = {"num_replicas": 1}
     options = {name: one_replica for name in ("ImageEncoder", "TextEncoder", "Hasher", "Index", "Ingress")}
     url = f"http://{HOST}:{port}"

@@ -14,6 +14,14 @@ from importlib.metadata import entry_points
 from medhash.services.errors import MedhashError
 
 
+def code_lengths(text: str) -> tuple[int, ...]:
+    """An argparse type: "32,64,128" -> (32, 64, 128); the lengths themselves are checked by ``codes.bits``."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"code lengths are comma-separated whole numbers, e.g. 32,64,128; got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medhash", description="Cross-modal medical image and report retrieval with hash codes."

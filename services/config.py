@@ -1,21 +1,28 @@
-"""All medhash configuration, typed and validated in one place.
+"""The core's configuration: data, backbones, LLM, augmentation, codes, training, index, and the method.
 
 A YAML file maps onto :class:`MedhashConfig`; every section has working offline defaults, so an
 empty file (or none) is a valid configuration. Unknown keys and wrong values are refused with a
-message that names the field.
+message that names the field. ``method_params`` holds each hashing method's own typed parameters
+(the method's ``Params`` class, found through :mod:`medhash.services.registry`), validated here too.
+The apps keep their own settings (``medhash.serving.config``, ``medhash.ui.config``); they load them
+with the same :func:`read_yaml` / :func:`validated` and override them with :func:`override`.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medhash.services import registry
 from medhash.services.errors import ConfigError
 
 DatasetName = Literal["medpix2", "covid-cxr", "iu-xray", "mimic-cxr", "manifest"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)  # every dataset reader, for command-line choices
+MAX_BITS = 1024
 
 
 def cache_root() -> Path:
@@ -24,7 +31,11 @@ def cache_root() -> Path:
 
 
 class Section(BaseModel):
+    """A frozen settings block that refuses unknown keys."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+S = TypeVar("S", bound=BaseModel)
 
 
 class DataConfig(Section):
@@ -72,9 +83,7 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    align_epochs: int = Field(5, ge=0)  # stage A: align v^x, v^y (float contrastive), GBRBM untouched
-    rbm_epochs: int = Field(5, ge=0)  # stage B: CD-k pre-training of the GBRBM heads on frozen v
-    joint_epochs: int = Field(20, ge=0)  # stage C: joint fine-tuning through p(h|v)
+    epochs: int = Field(20, ge=0)  # of the method's main stage (methods with earlier stages set theirs in method_params)
     view_prob: float = Field(0.5, ge=0, le=1)  # chance a report is replaced by one of its augmented views
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for tiny configs
     limit_items: int | None = Field(None, ge=8)  # use only the first N items per split (tiny configs)
@@ -84,6 +93,7 @@ class TrainConfig(Section):
 class AugmentConfig(Section):
     """Stage 1, LLM data augmentation: which generator writes the prompt templates' text views."""
 
+    use_views: bool = True  # train on the augmented views (off: the reports only; the "augmentation off" ablation)
     generator: Literal["extractive", "local", "openai"] = "extractive"  # "local": the `llm` section's LM
     endpoint: str = "http://127.0.0.1:8000"  # "openai": OpenAI-compatible server (vLLM, Ollama, TGI)
     model: str = ""  # "openai": the model name the server serves
@@ -98,77 +108,6 @@ class AugmentConfig(Section):
     batch_size: int = Field(8, ge=1)  # prompts per LM batch; requests in flight for "openai"
 
 
-class LSCHConfig(Section):
-    """The LSCH model (structured encoding, prompt-tuned LLM, GBRBM hashing), its losses and ablation switches."""
-
-    bits: tuple[int, ...] = (16, 32, 64, 128)  # one hashing head per code length
-    # ablation switches (method.md: switch off one at a time)
-    use_augmentation: bool = True  # LLM-augmented text views (read by the training code)
-    use_structured_encoding: bool = True  # off: one plain linear map Z -> one LLM token
-    use_soft_prompt: bool = True
-    use_hard_prompt: bool = True
-    use_llm: bool = True  # off: v = linear map of the pooled x / y tokens, no LLM
-    use_gbrbm: bool = True  # off: code = sign of a linear layer (tanh relaxation in training)
-    hard_negative_mining: bool = True  # off: plain InfoNCE
-    # architecture
-    m_img_tokens: int = Field(4, ge=1)  # tokens X per image in the LLM embedding space
-    m_txt_tokens: int = Field(4, ge=1)  # tokens Y per report
-    n_virtual_tokens: int = Field(8, ge=1)  # soft prompt length
-    pooling: Literal["mean", "last"] = "mean"  # v = mean over the x / y positions, or the last one
-    image_prompt: str = "Represent this medical image for retrieval of matching radiology reports:"
-    text_prompt: str = "Represent this radiology report for retrieval of matching medical images:"
-    lora_rank: int = Field(0, ge=0)  # > 0: LoRA adapters (peft) on the LLM attention projections
-    embed_dim: int = Field(640, ge=8)  # width of v when no LLM is loaded (use_llm off)
-    # losses
-    tau: float = Field(0.1, gt=0)  # InfoNCE temperature
-    alpha: float = Field(0.5, ge=0)  # manifold-similarity weight (paper, small set, I2T)
-    beta: float = Field(0.8, ge=0)  # quantisation + bit-balance weight (paper, small set, I2T)
-    hard_negative_strength: float = Field(0.5, ge=0)  # beta_h of the negatives' weights exp(beta_h * logit)
-    # which items the contrastive term never pushes apart from item i (besides its own pair):
-    # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
-    false_negatives: Literal["shared_label", "same_labels", "none"] = "shared_label"
-    classification_weight: float = Field(0.0, ge=0)  # gamma: codes linearly predict the labels (0: off)
-    knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
-    manifold_label_weight: float = Field(0.8, ge=0, le=1)  # share of label cosine in S_ma where labels exist
-    gbrbm_cd_k: int = Field(1, ge=1)  # Gibbs steps of CD-k pre-training
-
-
-class DeploymentResources(Section):
-    """Replicas and resources of one Ray Serve deployment (autoscaled between min and max replicas)."""
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)  # per replica; more in flight scales up
-    num_cpus: float = Field(0.25, gt=0)  # fractional: several replicas share a core
-    num_gpus: float = Field(0.0, ge=0)  # > 0 on GPU nodes (encoders)
-
-
-class ServeConfig(Section):
-    """The Ray Serve application: HTTP, auth, input limits, batching and per-deployment scaling."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    auth_token_env: str = "MEDHASH_API_TOKEN"  # environment variable holding the bearer token
-    require_auth: bool | None = None  # None: on unless bound to localhost
-    max_request_bytes: int = Field(20 * 2**20, ge=1024)  # larger requests get 413
-    max_image_pixels: int = Field(50_000_000, ge=1)  # larger images are refused before decoding
-    max_text_chars: int = Field(20_000, ge=1)
-    max_k: int = Field(100, ge=1)
-    torch_threads: int = Field(1, ge=1)  # per replica: replicas share the node's cores
-    image_batch_size: int = Field(8, ge=1)  # @serve.batch of the ImageEncoder
-    image_batch_wait_s: float = Field(0.01, ge=0)
-    text_batch_size: int = Field(16, ge=1)  # @serve.batch of the TextEncoder
-    text_batch_wait_s: float = Field(0.01, ge=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(300.0, ge=0)
-    image_encoder: DeploymentResources = DeploymentResources()
-    text_encoder: DeploymentResources = DeploymentResources()
-    hasher: DeploymentResources = DeploymentResources()
-    index: DeploymentResources = DeploymentResources(max_replicas=1)  # > 1 only with a Milvus server URI
-    ingress: DeploymentResources = DeploymentResources()
-    image_store: Path | None = None  # uploaded images; None: <medhash cache>/serve-images
-
-
 class IndexConfig(Section):
     """The Milvus index of binary codes: a milvus-lite file (one process) or a Milvus server (scales out)."""
 
@@ -179,25 +118,40 @@ class IndexConfig(Section):
     nprobe: int = Field(16, ge=1, le=65536)  # clusters searched per query (server only)
 
 
-class UIConfig(Section):
-    """The Gradio front end: where the search API is, who may log in, input limits."""
 
-    api_url: str = "http://127.0.0.1:8000"  # the serving HTTP API
-    api_token_env: str = "MEDHASH_API_TOKEN"  # bearer token for the API, when it requires one
-    host: str = "127.0.0.1"
-    port: int = Field(7860, ge=1, le=65535)
-    users: dict[str, str] = {}  # user -> password; prefer users_env outside demos
-    users_env: str = "MEDHASH_UI_USERS"  # environment variable of "user:password" pairs, comma-separated
-    max_upload_bytes: int = Field(20 * 2**20, ge=1024)
-    max_k: int = Field(50, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
+
+class CodesConfig(Section):
+    """The binary codes every method learns: one code per length, each a multiple of 8 bits (packed bytes)."""
+
+    bits: tuple[int, ...] = (16, 32, 64, 128)
+
+    @field_validator("bits")
+    @classmethod
+    def _lengths(cls, bits: tuple[int, ...]) -> tuple[int, ...]:
+        if not bits:
+            raise ValueError("at least one code length")
+        for b in bits:
+            check_code_length(b)
+        if len(set(bits)) != len(bits):
+            raise ValueError(f"code lengths repeat: {bits}")
+        return tuple(sorted(bits))
+
+
+def check_code_length(bits: int, available: tuple[int, ...] | None = None, what: str = "codes") -> int:
+    """``bits`` if it is one of ``available`` or, without them, a valid code length; ConfigError otherwise
+    (``what`` names the thing that has no such length, e.g. "collection")."""
+    if available is not None:
+        if bits not in available:
+            raise ConfigError(f"no {bits}-bit {what}: the code lengths here are {', '.join(map(str, available))}")
+    elif isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= MAX_BITS or bits % 8:
+        raise ConfigError(f"a code length is a multiple of 8 from 8 to {MAX_BITS} bits, got {bits!r}")
+    return bits
 
 
 class MedhashConfig(Section):
-    """The whole configuration. ``method`` names the hashing method (medhash.services.methods); ``lsch`` and
-    ``train`` hold LSCH's settings and the shared schedule (``lsch.bits`` are every method's code lengths),
-    ``method_params`` the other methods' own hyper-parameters by method name, e.g. ``{"ucch": {"hidden": 2048}}``
-    (each validated by its method)."""
+    """The whole configuration of a run. ``method`` names the hashing method; ``method_params`` holds
+    methods' own parameters by method name, e.g. ``{"lsch": {"alpha": 1.0}, "ucch": {"hidden": 2048}}``,
+    each validated by that method's ``Params`` (the paper's defaults stand for what is not given)."""
 
     method: str = "lsch"
     method_params: dict[str, dict[str, Any]] = {}
@@ -206,36 +160,94 @@ class MedhashConfig(Section):
     image_backbone: ImageBackboneConfig = ImageBackboneConfig()
     text_backbone: TextBackboneConfig = TextBackboneConfig()
     llm: LLMConfig = LLMConfig()
-    lsch: LSCHConfig = LSCHConfig()
     augment: AugmentConfig = AugmentConfig()
+    codes: CodesConfig = CodesConfig()
     train: TrainConfig = TrainConfig()
     index: IndexConfig = IndexConfig()
-    serve: ServeConfig = ServeConfig()
-    ui: UIConfig = UIConfig()
+
+    @model_validator(mode="after")
+    def _method_and_params(self) -> MedhashConfig:
+        known = registry.method_names()
+        for name in (self.method, *self.method_params):
+            if name not in known:
+                raise ValueError(f"unknown method {name!r}; known: {', '.join(known)}")
+        for name, params in self.method_params.items():
+            try:
+                registry.method_class(name).Params.model_validate(params)
+            except ValidationError as exc:
+                raise ValueError(_problems(exc, f"method_params.{name}.")) from None
+        return self
 
 
-def load_config(path: Path | str | None = None, **overrides: dict) -> MedhashConfig:
-    """Read a YAML config (or the defaults) and apply per-section overrides.
-
-    ``overrides`` maps a section name to a dict of fields, e.g. ``data={"dataset": "covid-cxr"}``.
-    """
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    for section, fields in overrides.items():
-        raw.setdefault(section, {}).update({k: v for k, v in fields.items() if v is not None})
+def read_yaml(path: Path | str | None) -> dict:
+    """The mapping in a YAML file ({} for None); ConfigError for a missing file, bad YAML or a non-mapping."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
     try:
-        return MedhashConfig.model_validate(raw)
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def validated(model: type[S], raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> S:
+    """``model`` from ``raw`` with dotted ``overrides`` set (a None value: not given, no change);
+    ConfigError naming each bad field."""
+    raw = _set_dotted(dict(raw), overrides or {})
+    try:
+        return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
+        raise ConfigError(f"invalid configuration: {_problems(exc)}") from exc
+
+
+def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> MedhashConfig:
+    """Read a YAML config (or the defaults) with dotted ``overrides``, e.g. ``{"train.workers": 2}``."""
+    return validated(MedhashConfig, read_yaml(path), overrides)
+
+
+def override(cfg: S, overrides: Mapping[str, Any]) -> S:
+    """``cfg`` with dotted ``overrides`` set, validated again as if loaded from a file."""
+    return validated(type(cfg), cfg.model_dump(mode="python"), overrides)
+
+
+def parse_assignments(assignments: list[str] | None) -> dict[str, Any]:
+    """``["train.lr=0.01", "codes.bits=[32, 64]"]`` -> dotted overrides (values read as YAML)."""
+    parsed: dict[str, Any] = {}
+    for assignment in assignments or []:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE (e.g. train.lr=0.01), got {assignment!r}")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from exc
+    return parsed
+
+
+def _set_dotted(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, Mapping) else {}
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """One line naming every bad field: ``train.lr: Input should be greater than 0; ...``."""
+    parts = []
+    for error in exc.errors():
+        field = (prefix + ".".join(str(p) for p in error["loc"])).rstrip(".")
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts)

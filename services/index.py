@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medhash.services.config import IndexConfig, cache_root
+from medhash.services.config import IndexConfig, cache_root, check_code_length
 from medhash.services.errors import ConfigError, DataError
 
 MODALITIES = ("image", "text")
@@ -82,8 +82,7 @@ class CodeIndex:
         if not self._bits:
             raise ConfigError("index: no code lengths given")
         for b in self._bits:
-            if b <= 0 or b % 8 or b > 32768:
-                raise ConfigError(f"index: code length {b} is not a positive multiple of 8 (at most 32768)")
+            check_code_length(b)
         self.uri, self.prefix = uri, prefix
         self.is_server = uri.startswith(_SERVER_SCHEMES)
         self._search_params = {"metric_type": "HAMMING", "params": {"nprobe": nprobe} if self.is_server else {}}
@@ -175,8 +174,7 @@ class CodeIndex:
     # -- internals -----------------------------------------------------------------------------
 
     def _collection(self, bits: int) -> str:
-        if bits not in self._bits:
-            raise ConfigError(f"index has no {bits}-bit collection (code lengths: {', '.join(map(str, self._bits))})")
+        check_code_length(bits, self._bits, "collection")
         return f"{self.prefix}_{bits}"
 
     def _ensure_collection(self, bits: int, ivf_nlist: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from medhash.services.config import MedhashConfig
+from medhash.services.config import DataConfig, MedhashConfig, load_config, override
 from medhash.services.errors import ConfigError
 
 
@@ -45,7 +45,14 @@ class RunDir:
 
     def config(self) -> MedhashConfig:
         self._require()
-        return MedhashConfig.model_validate(yaml.safe_load(self.config_file.read_text(encoding="utf-8")))
+        return load_config(self.config_file)
+
+    def data_config(self, dataset: str | None = None, root: Path | None = None) -> DataConfig:
+        """The run's ``data`` section, or the defaults of another ``dataset``; ``root`` overrides the folder."""
+        data = self.config().data
+        if dataset is not None and dataset != data.dataset:
+            data = DataConfig(dataset=dataset)
+        return override(data, {"root": root})
 
     def weights(self) -> dict:
         """The trained tensors by name (torch)."""

@@ -2,7 +2,7 @@
 
 (No `from __future__ import annotations` here: Serve rebuilds the route signatures and needs real types.)
 
-    Ingress (FastAPI)  --->  ImageEncoder  image bytes -> v^x   (@serve.batch, autoscaled)
+    Ingress (FastAPI)  --->  ImageEncoder   image bytes -> v^x   (@serve.batch, autoscaled)
                        --->  TextEncoder   text -> v^y          (@serve.batch, autoscaled)
                        --->  Hasher        v -> packed codes    (autoscaled)
                        --->  Index         Milvus search / upsert (1 replica on a milvus-lite file)
@@ -35,8 +35,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from medhash.serving import metrics
-from medhash.services.config import DeploymentResources, IndexConfig, MedhashConfig, ServeConfig, cache_root, load_config
+from medhash.serving import prometheus
+from medhash.serving.config import DeploymentResources, ServeConfig, ServingConfig, load_serving_config
+from medhash.services.config import IndexConfig, cache_root, check_code_length, override
 from medhash.services.errors import ConfigError, DataError
 from medhash.services.run_dir import RunDir
 
@@ -168,7 +169,7 @@ class TextSearch(BaseModel):
 
 
 def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-    metrics.ERRORS.labels(kind).inc()
+    prometheus.ERRORS.labels(kind).inc()
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -208,8 +209,8 @@ async def _guard_and_count(request: Request, call_next):
         response = error_response(500, "internal", "internal error; see the replica log")
     # the matched route's template, never the concrete path: ids stay out of metric labels
     route = getattr(request.scope.get("route"), "path", "unrouted")
-    metrics.REQUESTS.labels(route, str(response.status_code)).inc()
-    metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
+    prometheus.REQUESTS.labels(route, str(response.status_code)).inc()
+    prometheus.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
     return response
 
 
@@ -263,28 +264,26 @@ class Ingress:
             raise DataError(f"k={k} is more than the limit of {self.cfg.max_k}")
         if bits is None:
             return self.bits[-1]
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this service has {', '.join(map(str, self.bits))}")
-        return bits
+        return check_code_length(bits, self.bits)
 
     async def _search(self, v: np.ndarray, bits: int, k: int, direction: str, labels, view) -> dict:
-        with metrics.stage("hash"):
+        with prometheus.stage("hash"):
             codes = await self.hasher.remote(v[None, :], bits)
-        with metrics.stage("search"):
+        with prometheus.stage("search"):
             hits = await self.index.search.remote(bits, codes, k, DIRECTIONS[direction], tuple(labels), view or None)
         return {"bits": bits, "direction": direction, "results": [_hit_json(h) for h in hits[0]]}
 
     async def _encode_image(self, upload: UploadFile) -> np.ndarray:
         data = await upload.read()
-        with metrics.stage("encode_image"):
+        with prometheus.stage("encode_image"):
             v, batch = await self.image_encoder.remote(data, upload.filename or "upload")
-        metrics.BATCH_SIZE.labels("image").observe(batch)
+        prometheus.BATCH_SIZE.labels("image").observe(batch)
         return v
 
     async def _encode_text(self, text: str) -> np.ndarray:
-        with metrics.stage("encode_text"):
+        with prometheus.stage("encode_text"):
             v, batch = await self.text_encoder.remote(text)
-        metrics.BATCH_SIZE.labels("text").observe(batch)
+        prometheus.BATCH_SIZE.labels("text").observe(batch)
         return v
 
     @api.post("/search/image", summary="Search with an uploaded image (PNG, JPEG or DICOM)")
@@ -330,7 +329,7 @@ class Ingress:
             vectors["text"] = await self._encode_text(report)
         image_ref = self._store_image(id, image_data) if image_data else ""
         codes = {m: await self.hasher.all_bits.remote(v[None, :]) for m, v in vectors.items()}
-        with metrics.stage("insert"):
+        with prometheus.stage("insert"):
             for bits in self.bits:
                 records = [
                     IndexRecord(
@@ -390,8 +389,8 @@ class Ingress:
     @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
     async def metrics_text(self) -> Response:
         for bits in self.bits:
-            metrics.INDEX_SIZE.labels(str(bits)).set(await self.index.count.remote(bits))
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+            prometheus.INDEX_SIZE.labels(str(bits)).set(await self.index.count.remote(bits))
+        return Response(prometheus.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,11 +415,11 @@ def _options(res: DeploymentResources, cfg: ServeConfig, **extra) -> dict:
     }
 
 
-def index_settings(settings: MedhashConfig, milvus_uri: str | None = None) -> IndexConfig:
-    """The ``index`` section with its URI resolved (``milvus_uri`` overrides it)."""
+def index_settings(index: IndexConfig, milvus_uri: str | None = None) -> IndexConfig:
+    """``index`` with its URI resolved (``milvus_uri`` overrides it)."""
     from medhash.services.index import resolve_uri
 
-    return settings.index.model_copy(update={"uri": milvus_uri or resolve_uri(settings.index)})
+    return override(index, {"uri": milvus_uri or resolve_uri(index)})
 
 
 def auth_token(cfg: ServeConfig) -> str | None:
@@ -437,21 +436,21 @@ def auth_token(cfg: ServeConfig) -> str | None:
 def build_app(
     run_path: Path | str,
     milvus_uri: str | None = None,
-    settings: MedhashConfig | None = None,
+    settings: ServingConfig | None = None,
     deployment_options: dict[str, dict] | None = None,
 ):
     """The medhash application of a run directory.
 
-    ``settings`` supplies the ``serve`` and ``index`` sections (default: the run's own config);
+    ``settings`` supplies the ``serve`` section and the ``index`` (default: the run's own index);
     ``milvus_uri`` overrides ``index.uri``; ``deployment_options`` overrides Serve options by
     deployment name (ImageEncoder, TextEncoder, Hasher, Index, Ingress), as a Serve config does.
     """
     run = RunDir(Path(run_path).resolve())
     run_cfg = run.config()
-    settings = settings or run_cfg
+    settings = settings or ServingConfig()
     cfg = settings.serve
-    index_cfg = index_settings(settings, milvus_uri)
-    bits = tuple(sorted(run_cfg.lsch.bits))
+    index_cfg = index_settings(settings.index or run_cfg.index, milvus_uri)
+    bits = run_cfg.codes.bits
     overrides = deployment_options or {}
     path = str(run.path)
 
@@ -478,9 +477,9 @@ def build_app(
 
 
 def app_builder(args: dict):
-    """``import_path`` target of a Serve config: args ``run`` (required), ``milvus_uri``, ``config`` (a medhash YAML)."""
+    """``import_path`` target of a Serve config: args ``run`` (required), ``milvus_uri``, ``config`` (a serving YAML)."""
     unknown = set(args) - {"run", "milvus_uri", "config"}
     if unknown or "run" not in args:
         raise ConfigError(f"serve config args: need 'run', may have 'milvus_uri' and 'config'; got {sorted(args)}")
-    settings = load_config(args["config"]) if args.get("config") else None
+    settings = load_serving_config(args.get("config"))
     return build_app(args["run"], args.get("milvus_uri"), settings)

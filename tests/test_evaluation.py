@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from medhash.services.codes import pack_codes
-from medhash.services.evaluation import evaluate, reference_maps
+from medhash.services.evaluation.protocols import evaluate, reference_maps
 
 
 def test_one_list_prior_is_the_high_floor_of_a_one_label_dataset():

@@ -11,9 +11,9 @@ from PIL import Image
 
 from medhash.services.config import ImageBackboneConfig, TextBackboneConfig, load_config
 from medhash.services.data.item import Dataset, Item
-from medhash.services.encoders.image import build_image_encoder
-from medhash.services.encoders.text import build_text_encoder
-from medhash.services.features import FeatureCache, extract_image_features, extract_text_features
+from medhash.services.backbones.image import build_image_backbone
+from medhash.services.backbones.text import build_text_backbone
+from medhash.services.features.cache import FeatureCache, extract_image_features, extract_text_features
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def tiny_image_encoder(tmp_path_factory):
     ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return build_image_encoder(ImageBackboneConfig(kind="hf", name=str(folder)))
+    return build_image_backbone(ImageBackboneConfig(kind="hf", name=str(folder)))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def tiny_text_encoder(tmp_path_factory):
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
-    return build_text_encoder(TextBackboneConfig(name=str(folder), max_length=32, batch_size=3))
+    return build_text_backbone(TextBackboneConfig(name=str(folder), max_length=32, batch_size=3))
 
 
 def make_dataset(folder: Path, n: int = 10, name: str = "tiny") -> Dataset:
@@ -163,9 +163,9 @@ def test_text_features_keyed_by_view_and_text(tmp_path, tiny_text_encoder, capsy
 @pytest.mark.real
 def test_medpix2_features_with_the_real_backbones(shared_data, tmp_path, capsys):
     from medhash.services.data import open_dataset
-    from medhash.services.encoders.cli import run
+    from medhash.services.features.cli import run
 
-    cfg = load_config(data={"dataset": "medpix2", "root": shared_data / "medpix2"})
+    cfg = load_config(None, {"data.dataset": "medpix2", "data.root": shared_data / "medpix2"})
     dataset = open_dataset(cfg.data)
     assert len(dataset) == 2050
     args = type("Args", (), dict(dataset="medpix2", root=str(shared_data / "medpix2"), config=None,
@@ -176,7 +176,7 @@ def test_medpix2_features_with_the_real_backbones(shared_data, tmp_path, capsys)
     assert re.search(r"12 encoded, 0 from cache, .* images/s", out)
     assert run(args) == 0
     assert "0 encoded, 12 from cache" in capsys.readouterr().out
-    encoder = build_image_encoder(cfg.image_backbone)
+    encoder = build_image_backbone(cfg.image_backbone)
     rows = FeatureCache.for_encoder("medpix2", encoder, "image").load()
     first = dataset.items[0]
     from medhash.services.data.images import load_image

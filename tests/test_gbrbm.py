@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from medhash.services.hashing import GBRBM, pretrain_gbrbm
+from medhash.services.methods.gbrbm import GBRBM, pretrain_gbrbm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,32 +8,35 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from medhash.services.codes import pack_codes
-from medhash.services.config import LLMConfig, LSCHConfig
-from medhash.services.encoders.llm import tiny_causal_lm
+from medhash.services.backbones.llm import tiny_causal_lm
+from medhash.services.config import MedhashConfig, load_config
 from medhash.services.errors import ConfigError, WeightsError
-from medhash.services.hashing.gbrbm import GBRBM
-from medhash.services.lsch import LSCHModel, alignment_loss, lsch_loss
-from medhash.services.lsch.losses import (
+from medhash.services.methods.gbrbm import GBRBM
+from medhash.services.methods.lsch import LSCH, alignment_loss, lsch_loss
+from medhash.services.methods.losses import (
     contrastive_loss,
     false_negative_mask,
     hard_negative_weights,
     manifold_similarity,
 )
-from medhash.services.metrics import hamming_metrics, label_relevance
+from medhash.services.evaluation.metrics import hamming_metrics, label_relevance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 IMAGE_DIM, TEXT_DIM = 24, 12
-FAST = dict(
-    bits=(16, 32), n_virtual_tokens=4, m_img_tokens=2, m_txt_tokens=2, image_prompt="image:", text_prompt="report:"
-)
+FAST = dict(n_virtual_tokens=4, m_img_tokens=2, m_txt_tokens=2, image_prompt="image:", text_prompt="report:")
 
 
-def build(**overrides) -> LSCHModel:
+def lsch_config(bits=(16, 32), **params) -> MedhashConfig:
+    return load_config(None, {"codes.bits": bits, "method_params": {"lsch": {**FAST, **params}}})
+
+
+def build(bits=(16, 32), n_labels: int = 0, **params) -> LSCH:
     torch.manual_seed(0)
-    cfg = LSCHConfig(**{**FAST, **overrides})
-    llm, tokenizer = tiny_causal_lm(hidden_size=32) if cfg.use_llm else (None, None)
-    return LSCHModel(cfg, IMAGE_DIM, TEXT_DIM, llm, tokenizer)
+    cfg = lsch_config(bits, **params)
+    use_llm = LSCH.params_of(cfg).use_llm
+    llm, tokenizer = tiny_causal_lm(hidden_size=32) if use_llm else (None, None)
+    return LSCH(cfg, IMAGE_DIM, TEXT_DIM, n_labels, llm, tokenizer)
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,7 +67,7 @@ def test_llm_is_frozen_and_only_prompts_projections_heads_train():
     model.train()
     assert not model.prompted.llm.training and model.image_tokens.training
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
-    loss, _ = lsch_loss(model, *batch(), model.cfg)
+    loss, _ = lsch_loss(model, *batch(), model.params)
     loss.backward()
     optimizer.step()
     assert all(torch.equal(p, llm_before[n]) for n, p in model.prompted.llm.named_parameters())
@@ -81,7 +84,7 @@ def test_llm_is_frozen_and_only_prompts_projections_heads_train():
 def test_each_ablation_builds_and_backpropagates(switch):
     model = build(**{switch: False})
     z, t, labels = batch()
-    loss, parts = lsch_loss(model, z, t, labels, model.cfg)
+    loss, parts = lsch_loss(model, z, t, labels, model.params)
     loss.backward()
     assert np.isfinite(parts["total"]) and set(parts) >= {"contrastive", "manifold", "quantization", "balance"}
     grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
@@ -93,7 +96,7 @@ def test_each_ablation_builds_and_backpropagates(switch):
     elif switch == "use_hard_prompt":
         assert model.prompted.prefix("image").shape[0] == 1 + 4  # BOS + soft prompt
     elif switch == "use_llm":
-        assert model.prompted is None and model.embed_image(z).shape == (8, model.cfg.embed_dim)
+        assert model.prompted is None and model.embed_image(z).shape == (8, model.params.embed_dim)
     elif switch == "use_gbrbm":
         assert not any(isinstance(h, GBRBM) for h in model.heads.values())
         with pytest.raises(ConfigError):
@@ -101,17 +104,15 @@ def test_each_ablation_builds_and_backpropagates(switch):
 
 
 def test_classification_constraint_trains_label_classifiers_on_the_codes():
-    torch.manual_seed(0)
-    cfg = LSCHConfig(**FAST, classification_weight=1.0, use_llm=False)
-    model = LSCHModel(cfg, IMAGE_DIM, TEXT_DIM, n_labels=4)
+    model = build(n_labels=4, classification_weight=1.0, use_llm=False)
     assert set(model.classifiers) == {"16", "32"} and model.classifiers["16"].in_features == 16
     z, t, labels = batch()
     labels[0] = 0  # an item without labels takes no part in the term
-    loss, parts = lsch_loss(model, z, t, labels, cfg)
+    loss, parts = lsch_loss(model, z, t, labels, model.params)
     loss.backward()
     assert parts["classification"] > 0 and model.classifiers["32"].weight.grad.abs().sum() > 0
-    without = LSCHModel(cfg.model_copy(update={"classification_weight": 0.0}), IMAGE_DIM, TEXT_DIM, n_labels=4)
-    assert not without.classifiers and "classification" not in lsch_loss(without, z, t, labels, without.cfg)[1]
+    without = build(n_labels=4, classification_weight=0.0, use_llm=False)
+    assert not without.classifiers and "classification" not in lsch_loss(without, z, t, labels, without.params)[1]
     assert set(model.state_dict_trainable()) - set(without.state_dict_trainable()) == {
         f"classifiers.{b}.{w}" for b in (16, 32) for w in ("weight", "bias")
     }
@@ -137,14 +138,16 @@ def test_lora_and_last_token_pooling_run():
     model = build(lora_rank=2, pooling="last")
     lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     assert lora and all(n in model.state_dict_trainable() for n in lora)
-    loss, _ = lsch_loss(model, *batch(), model.cfg)
+    loss, _ = lsch_loss(model, *batch(), model.params)
     loss.backward()
     assert all(model.get_parameter(n).grad is not None for n in lora)
 
 
-def test_llm_required_when_switched_on():
-    with pytest.raises(ConfigError, match="use_llm"):
-        LSCHModel(LSCHConfig(), IMAGE_DIM, TEXT_DIM, None, None)
+def test_the_configured_llm_is_loaded_and_missing_weights_are_named(tmp_path):
+    cfg = load_config(None, {"llm.name": "tiny-random", "method_params": {"lsch": FAST}})
+    assert LSCH(cfg, IMAGE_DIM, TEXT_DIM).prompted is not None
+    with pytest.raises(WeightsError, match="no-such-llm"):
+        LSCH(load_config(None, {"llm.name": str(tmp_path / "no-such-llm")}), IMAGE_DIM, TEXT_DIM)
 
 
 def test_gbrbm_pretrain_loss_trains_heads_only():
@@ -255,7 +258,7 @@ def synthetic_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return z, t, F.one_hot(classes, 4).float()
 
 
-def i2t_map(model: LSCHModel, zq: torch.Tensor, yq: torch.Tensor, td: torch.Tensor, yd: torch.Tensor, bits: int) -> float:
+def i2t_map(model: LSCH, zq: torch.Tensor, yq: torch.Tensor, td: torch.Tensor, yd: torch.Tensor, bits: int) -> float:
     """MAP@all of image queries against a report database, Hamming ranking, shared-label relevance."""
     with torch.no_grad():
         q = model.codes(model.embed_image(zq), bits).numpy()
@@ -278,7 +281,7 @@ def test_synthetic_training_beats_random_codes():
     for step in range(80):
         idx = torch.randperm(200, generator=g)[:32]
         loss_fn = alignment_loss if step < 15 else lsch_loss
-        loss, _ = loss_fn(model, z[idx], t[idx], labels[idx], model.cfg)
+        loss, _ = loss_fn(model, z[idx], t[idx], labels[idx], model.params)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -289,14 +292,14 @@ def test_synthetic_training_beats_random_codes():
 
 @pytest.mark.real
 def test_real_gemma_forward_backward():
-    from medhash.services.encoders.llm import load_causal_lm
+    from medhash.services.backbones.llm import load_causal_lm
 
-    llm, tokenizer = load_causal_lm(LLMConfig(num_layers=2))
-    cfg = LSCHConfig(bits=(32, 64))
-    model = LSCHModel(cfg, 1280, 384, llm, tokenizer)
+    cfg = load_config(None, {"codes.bits": (32, 64), "llm.num_layers": 2})
+    llm, tokenizer = load_causal_lm(cfg.llm)
+    model = LSCH(cfg, 1280, 384, 0, llm, tokenizer)
     assert model.dim == 640 and 0.1 < model.prompted.token_scale < 10
     z, t = torch.randn(4, 1280), F.normalize(torch.randn(4, 384), dim=1)
-    loss, parts = lsch_loss(model, z, t, F.one_hot(torch.arange(4) % 2, 2).float(), cfg)
+    loss, parts = lsch_loss(model, z, t, F.one_hot(torch.arange(4) % 2, 2).float(), model.params)
     loss.backward()
     assert np.isfinite(parts["total"]) and model.prompted.soft_prompt.grad.abs().sum() > 0
     assert all(p.grad is None for p in llm.parameters())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import methods_testkit as kit
-from medhash.services.evaluation import evaluate
+from medhash.services.evaluation.protocols import evaluate
 from medhash.services.methods.float_dual import FloatDualEncoder
 
 torch.set_num_threads(1)

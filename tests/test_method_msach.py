@@ -10,9 +10,8 @@ from medhash.services.methods.base import Batch
 from medhash.services.methods.msach import MSACH
 
 
-def with_epochs(align: int, joint: int):
-    cfg = config("msach", epochs=joint)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"align_epochs": align})})
+def with_epochs(features: int, hashing: int):
+    return config("msach", epochs=hashing, feature_epochs=features)
 
 
 def snapshot(params) -> list[torch.Tensor]:
@@ -44,7 +43,7 @@ def test_beats_random_codes(trained, bits):
 
 def test_schedule_is_features_then_hash(trained):
     model, cfg, history, _ = trained
-    expected = ["features"] * cfg.train.align_epochs + ["hash"] * cfg.train.joint_epochs
+    expected = ["features"] * model.params.feature_epochs + ["hash"] * cfg.train.epochs
     assert model.schedule(cfg) == expected
     assert [row["stage"] for row in history] == expected
     assert MSACH.schedule(with_epochs(3, 7)) == ["features"] * 3 + ["hash"] * 7

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medhash.services.codes import hamming_distances, pack_codes
-from medhash.services.metrics import (
+from medhash.services.evaluation.metrics import (
     cosine_distance,
     hamming_metrics,
     label_relevance,

@@ -42,7 +42,8 @@ def test_every_method_trains_through_ray_train_on_tiny_data_and_beats_random_cod
 
     raw = yaml.safe_load((CONFIGS / "medpix2-baselines.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
-    raw["train"].update(limit_items=60, batch_size=16, align_epochs=4, joint_epochs=20)
+    raw["train"].update(limit_items=60, batch_size=16, epochs=20)
+    raw["method_params"]["msach"]["feature_epochs"] = 4
     (tmp_path / "baselines.yaml").write_text(yaml.safe_dump(raw))
     methods = [m for m in DEFAULT_METHODS if m != "lsch"]  # LSCH's own Ray Train tests are in test_training.py
     ray.init(num_cpus=2, include_dashboard=False)

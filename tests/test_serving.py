@@ -22,9 +22,10 @@ from PIL import Image
 from medhash.serving.ingest import index_features, ingest_dataset
 from medhash.serving.pipeline import Pipeline
 from medhash.services.codes import hamming_distances
-from medhash.services.config import DeploymentResources, ServeConfig, load_config
+from medhash.serving.config import DeploymentResources, ServeConfig, ServingConfig
+from medhash.services.config import load_config
 from medhash.services.data import open_dataset
-from medhash.services.featureset import build_featureset, limit_per_split
+from medhash.services.features.featureset import build_featureset, limit_per_split
 from medhash.services.methods import embed
 
 pytestmark = pytest.mark.real
@@ -37,10 +38,10 @@ MAX_IMAGE_PIXELS = 4_000_000
 
 def tiny_config(shared_data: Path):
     """The tiny MedPix run of test_training.py on 60 items per split, one epoch per stage (serving needs a run, not a good one)."""
-    return load_config(
-        CONFIGS / "medpix2-lsch-tiny.yaml", data={"root": shared_data / "medpix2"}, llm={"name": "tiny-random"},
-        train={"align_epochs": 1, "rbm_epochs": 1, "joint_epochs": 1, "limit_items": 60},
-    )
+    return load_config(CONFIGS / "medpix2-lsch-tiny.yaml", {
+        "data.root": shared_data / "medpix2", "llm.name": "tiny-random", "train.epochs": 1, "train.limit_items": 60,
+        "method_params.lsch.align_epochs": 1, "method_params.lsch.rbm_epochs": 1,
+    })
 
 
 def free_port() -> int:
@@ -111,7 +112,7 @@ def index_uri(tiny_run, dataset, tmp_path_factory):
     from medhash.services.index import CodeIndex
 
     uri = str(tmp_path_factory.mktemp("milvus") / "index.db")
-    index = CodeIndex(uri, tuple(tiny_run.config().lsch.bits))
+    index = CodeIndex(uri, tiny_run.config().codes.bits)
     try:
         assert ingest_dataset(tiny_run, index, dataset, progress=False) == len(dataset)
         assert ingest_dataset(tiny_run, index, dataset, progress=False) == len(dataset)  # idempotent
@@ -129,8 +130,7 @@ def start(run, uri: str, port: int, options: dict | None = None, **serve_fields)
 
     serve.shutdown()
     fields = dict(port=port, max_request_bytes=MAX_REQUEST_BYTES, max_image_pixels=MAX_IMAGE_PIXELS, auth_token_env=TOKEN_ENV)
-    settings = run.config()
-    settings = settings.model_copy(update={"serve": ServeConfig(**{**fields, **serve_fields})})
+    settings = ServingConfig(serve=ServeConfig(**{**fields, **serve_fields}))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(run.path, uri, settings, options), name="medhash", route_prefix="/")
     return f"http://127.0.0.1:{port}"

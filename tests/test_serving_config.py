@@ -7,7 +7,7 @@ import pytest
 
 from medhash.serving.app import app_builder, auth_token, is_server_uri
 from medhash.serving.cli import read_serve_config
-from medhash.services.config import ServeConfig, load_config
+from medhash.serving.config import ServeConfig
 from medhash.services.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
@@ -25,7 +25,7 @@ def test_auth_is_on_off_localhost_and_needs_a_token(monkeypatch):
 
 
 def test_deploy_serve_yaml_is_read_as_a_serve_config():
-    settings, options, args = read_serve_config(DEPLOY, load_config())
+    settings, options, args = read_serve_config(DEPLOY)
     assert (settings.serve.host, settings.serve.port) == ("0.0.0.0", 8000)
     assert set(options) == {"ImageEncoder", "TextEncoder", "Hasher", "Index", "Ingress"}
     assert options["TextEncoder"]["autoscaling_config"]["max_replicas"] == 4

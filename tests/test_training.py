@@ -21,22 +21,20 @@ import yaml
 
 from medhash.services.codes import hamming_distances, load_codes_npz
 from medhash.services.config import load_config
-from medhash.services.evaluation import evaluate
-from medhash.services.featureset import build_featureset
-from medhash.services.metrics import label_relevance, retrieval_metrics
-from medhash.training.evaluate import evaluate_run
+from medhash.services.evaluation.protocols import evaluate
+from medhash.services.features.featureset import build_featureset
+from medhash.services.evaluation.metrics import label_relevance, retrieval_metrics
+from medhash.services.evaluation.run import evaluate_run
 from medhash.training.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
 def tiny_config(shared_data: Path, **train_overrides):
-    return load_config(
-        CONFIGS / "medpix2-lsch-tiny.yaml",
-        data={"root": shared_data / "medpix2"},
-        llm={"name": "tiny-random"},
-        train=train_overrides,
-    )
+    return load_config(CONFIGS / "medpix2-lsch-tiny.yaml", {
+        "data.root": shared_data / "medpix2", "llm.name": "tiny-random",
+        **{f"train.{k}": v for k, v in train_overrides.items()},
+    })
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +105,7 @@ def test_one_and_two_workers_reach_the_same_map(shared_data, tiny_features, ray_
 @pytest.mark.real
 def test_tiny_config_with_the_real_gemma_trains_and_beats_random_codes(shared_data, ray_cluster, tmp_path):
     """The shipped -tiny configuration as it is: real Gemma-3-270M (2 layers), real features, Ray Train."""
-    cfg = load_config(CONFIGS / "medpix2-lsch-tiny.yaml", data={"root": shared_data / "medpix2"})
+    cfg = load_config(CONFIGS / "medpix2-lsch-tiny.yaml", {"data.root": shared_data / "medpix2"})
     assert cfg.llm.name == "gemma-3-270m"
     features = build_featureset(cfg, progress=False)
     train(cfg, tmp_path / "run", features)
@@ -150,7 +148,7 @@ def _registered_checkpoints(run: Path) -> int:
 
 @pytest.mark.real
 def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_features, ray_cluster, tmp_path):
-    cfg = tiny_config(shared_data, joint_epochs=6)
+    cfg = tiny_config(shared_data, epochs=6)
     run_path = tmp_path / "run"
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("run", train(cfg, run_path, tiny_features)))
@@ -175,9 +173,9 @@ def test_an_interrupted_run_resumes_when_started_again(shared_data, tiny_feature
     raw = yaml.safe_load((CONFIGS / "medpix2-lsch-tiny.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
     raw["llm"]["name"] = "tiny-random"
-    raw["train"]["joint_epochs"] = 8
+    raw["train"]["epochs"] = 8
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    command = [sys.executable, "-m", "services.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
+    command = [sys.executable, "-m", "medhash.services.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
 
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(lambda: _registered_checkpoints(tmp_path / "run") >= 2, 300, "two registered checkpoints")

@@ -14,8 +14,7 @@ import pytest
 import requests
 import yaml
 
-from medhash.services.config import UIConfig
-from medhash.services.errors import ConfigError
+from medhash.ui.config import UIConfig, UIError
 from medhash.ui.app import SearchApp, result_cards, users_from
 from medhash.ui.client import SearchClient
 
@@ -53,13 +52,13 @@ def test_users_come_from_config_and_environment(monkeypatch):
     cfg = UIConfig(users={"carl": "pw3"}, users_env="MEDHASH_TEST_UI_USERS")
     assert users_from(cfg) == [("ann", "pw1"), ("bob", "p:w2"), ("carl", "pw3")]
     monkeypatch.setenv("MEDHASH_TEST_UI_USERS", "no-password")
-    with pytest.raises(ConfigError, match="user:password"):
+    with pytest.raises(UIError, match="user:password"):
         users_from(cfg)
 
 
 def test_no_users_means_no_ui(monkeypatch):
     monkeypatch.delenv("MEDHASH_TEST_UI_USERS", raising=False)
-    with pytest.raises(ConfigError, match="no open access"):
+    with pytest.raises(UIError, match="no open access"):
         users_from(UIConfig(users_env="MEDHASH_TEST_UI_USERS"))
 
 
@@ -93,14 +92,15 @@ def demo(shared_data, tmp_path_factory):
     raw = yaml.safe_load((ROOT / "training" / "configs" / "medpix2-lsch-tiny.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
     raw["llm"]["name"] = "tiny-random"
-    raw["train"].update(align_epochs=1, rbm_epochs=1, joint_epochs=1, limit_items=40)
+    raw["train"].update(epochs=1, limit_items=40)
+    raw["method_params"]["lsch"].update(align_epochs=1, rbm_epochs=1)
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    subprocess.run([sys.executable, "-m", "services.cli", "train", "--config", str(tmp / "cfg.yaml"),
+    subprocess.run([sys.executable, "-m", "medhash.services.cli", "train", "--config", str(tmp / "cfg.yaml"),
                     "--out", str(tmp / "run")], check=True, timeout=900, capture_output=True)
     api_port, ui_port = free_port(), free_port()
     log = open(tmp / "demo.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "demo", "--run", str(tmp / "run"), "--limit", "60",
+        [sys.executable, "-m", "medhash.services.cli", "demo", "--run", str(tmp / "run"), "--limit", "60",
          "--milvus-uri", str(tmp / "index.db"), "--api-port", str(api_port), "--port", str(ui_port)],
         env={**os.environ, "MEDHASH_UI_USERS": f"{USER}:{PASSWORD}"}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from medhash.services.config import MedhashConfig
-from medhash.services.evaluation import evaluate
-from medhash.services.featureset import FeatureSet
+from medhash.services.evaluation.protocols import evaluate
+from medhash.services.features.featureset import FeatureSet
 from medhash.services.methods import build_model, embed, hash_codes
 from medhash.services.methods.base import FIT, Batch
 
@@ -150,7 +150,7 @@ def _gather_rows(local: torch.Tensor, world: int) -> torch.Tensor:
 def _text_views(data: FeatureSet, rows: np.ndarray, cfg: MedhashConfig, rng: np.random.Generator) -> np.ndarray:
     """The report's features, or with probability ``view_prob`` one of its augmented views."""
     text = data.text[rows].copy()
-    if data.views.shape[1] and cfg.lsch.use_augmentation:
+    if data.views.shape[1] and cfg.augment.use_views:
         swap = rng.random(len(rows)) < cfg.train.view_prob
         picks = rng.integers(0, data.views.shape[1], len(rows))
         text[swap] = data.views[rows[swap], picks[swap]]

@@ -10,7 +10,7 @@ import torch
 
 from medhash.services.config import MedhashConfig
 from medhash.services.errors import ConfigError
-from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.features.featureset import FeatureSet, build_featureset
 from medhash.services.methods import schedule
 from medhash.training.loop import STATE_FILE, train_loop
 from medhash.training.plots import plot_history

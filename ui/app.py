@@ -3,7 +3,7 @@
 Two tabs share the same controls (k, what to return, label and view filters). An image query
 shows the most similar reports (and images); a findings query shows matching images in a gallery
 and every result as a card: thumbnail, Hamming distance, labels, report text, patient and study ids.
-The app holds no model and no index: everything goes through :class:`ui.client.SearchClient`.
+The app holds no model and no index: everything goes through :class:`~medhash.ui.client.SearchClient`.
 Nothing a user types or uploads is logged.
 """
 from __future__ import annotations
@@ -20,8 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from medhash.services.config import UIConfig  # noqa: E402
-from medhash.services.errors import ConfigError  # noqa: E402
+from medhash.ui.config import UIConfig, UIError  # noqa: E402
 from medhash.ui.client import ApiError, SearchClient, SearchQuery  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -37,15 +36,15 @@ CSS = """
 
 
 def users_from(cfg: UIConfig) -> list[tuple[str, str]]:
-    """(user, password) pairs from ``cfg.users`` and the ``cfg.users_env`` variable; ConfigError if none."""
+    """(user, password) pairs from ``cfg.users`` and the ``cfg.users_env`` variable; UIError if none."""
     users = dict(cfg.users)
     for pair in filter(None, (p.strip() for p in os.environ.get(cfg.users_env, "").split(","))):
         name, sep, password = pair.partition(":")
         if not sep or not name or not password:
-            raise ConfigError(f"${cfg.users_env}: expected 'user:password' pairs separated by commas")
+            raise UIError(f"${cfg.users_env}: expected 'user:password' pairs separated by commas")
         users[name] = password
     if not users:
-        raise ConfigError(f"no UI users configured: set ${cfg.users_env}='user:password' (the UI has no open access)")
+        raise UIError(f"no UI users configured: set ${cfg.users_env}='user:password' (the UI has no open access)")
     return sorted(users.items())
 
 

@@ -2,11 +2,13 @@
 
 The demo runs the other parts as the commands a user would type, in child processes:
 `medhash index` (the run's dataset into a milvus-lite file), then `medhash serve`, and starts the UI
-once the API answers; stopping the demo (Ctrl-C) stops the service too.
+once the API answers; stopping the demo (Ctrl-C) stops the service too. Like the rest of ``ui``, it
+imports nothing from the other medhash packages.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import secrets
@@ -18,8 +20,7 @@ from pathlib import Path
 
 import requests
 
-from medhash.services.config import UIConfig, cache_root, load_config
-from medhash.services.errors import ConfigError
+from medhash.ui.config import UIConfig, UIError, load_ui_config
 
 API_START_TIMEOUT_S = 600.0  # Ray start, model loads and the first replicas on a busy 2-core machine
 
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ui = subparsers.add_parser("ui", help="the Gradio front end for a running search API (blocks)")
     _ui_arguments(ui)
     ui.add_argument("--api-url", help="the serving API (default: ui.api_url, http://127.0.0.1:8000)")
-    ui.set_defaults(func=run_ui)
+    ui.set_defaults(func=_reported(run_ui))
 
     demo = subparsers.add_parser("demo", help="index a dataset, serve it and open the UI, on this machine (blocks)")
     _ui_arguments(demo)
@@ -38,20 +39,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--limit", type=int, help="index only the first N items")
     demo.add_argument("--milvus-uri", help="index file or server (default: <medhash cache>/demo/<run>.db)")
     demo.add_argument("--api-port", type=int, default=8000, help="port of the search API (default 8000)")
-    demo.set_defaults(func=run_demo)
+    demo.set_defaults(func=_reported(run_demo))
 
 
 def _ui_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="medhash YAML config (its ui section)")
+    parser.add_argument("--config", type=Path, help="YAML file of UI settings (api_url, users_env, port, ...)")
     parser.add_argument("--host", help="address the UI binds (default: ui.host)")
     parser.add_argument("--port", type=int, help="port of the UI (default: ui.port, 7860)")
     parser.add_argument("--open", action="store_true", help="open the UI in a browser")
 
 
+def _reported(command):
+    """``command`` with its UIError printed as medhash prints any user error (exit status 2)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except UIError as exc:
+            print(f"medhash: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def ui_config(args: argparse.Namespace, **fields) -> UIConfig:
-    cfg = load_config(args.config).ui
-    given = {"host": args.host, "port": args.port, **fields}
-    return cfg.model_copy(update={k: v for k, v in given.items() if v is not None})
+    return load_ui_config(args.config, host=args.host, port=args.port, **fields)
 
 
 def run_ui(args: argparse.Namespace) -> int:
@@ -67,21 +80,21 @@ def run_demo(args: argparse.Namespace) -> int:
     from medhash.ui.app import launch, users_from
 
     if args.limit is not None and args.limit < 1:
-        raise ConfigError("--limit must be at least 1")
+        raise UIError("--limit must be at least 1")
     run = args.run.resolve()
     if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run}: not a run directory (no config.yaml); train one with `medhash train`")
+        raise UIError(f"{run}: not a run directory (no config.yaml); train one with `medhash train`")
     uri = args.milvus_uri or str(demo_index_path(run))
     cfg = ui_config(args, api_url=f"http://127.0.0.1:{args.api_port}")
     try:
         users_from(cfg)
-    except ConfigError:  # nobody configured: one demo user with a fresh password
+    except UIError:  # nobody configured: one demo user with a fresh password
         password = secrets.token_urlsafe(9)
         os.environ[cfg.users_env] = f"demo:{password}"
         print(f"UI login: user 'demo', password '{password}' (set ${cfg.users_env} to choose your own)")
 
-    index = [sys.executable, "-m", "medhash.services.cli", "index", "--run", str(run), "--milvus-uri", uri,
-             "--dataset", args.dataset or load_config(run / "config.yaml").data.dataset]
+    index = [sys.executable, "-m", "medhash.services.cli", "index", "--run", str(run), "--milvus-uri", uri]
+    index += ["--dataset", args.dataset] if args.dataset else []
     index += ["--root", str(args.root)] if args.root else []
     index += ["--limit", str(args.limit)] if args.limit else []
     subprocess.run(index, check=True)
@@ -102,23 +115,25 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def demo_index_path(run: Path) -> Path:
-    """One milvus-lite file per run directory: codes of different models never share collections."""
-    return cache_root() / "demo" / f"{run.name}-{hashlib.sha1(str(run).encode()).hexdigest()[:8]}.db"
+    """One milvus-lite file per run directory: codes of different models never share collections.
+    It lives in the medhash cache (``MEDHASH_CACHE``, as the other commands read it)."""
+    cache = Path(os.environ.get("MEDHASH_CACHE", Path.home() / ".cache" / "medhash"))
+    return cache / "demo" / f"{run.name}-{hashlib.sha1(str(run).encode()).hexdigest()[:8]}.db"
 
 
 def wait_for_api(url: str, process: subprocess.Popen, timeout_s: float = API_START_TIMEOUT_S) -> None:
-    """Return once ``url``/healthz answers; ConfigError if the service process exits or time runs out."""
+    """Return once ``url``/healthz answers; UIError if the service process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ConfigError(f"`medhash serve` exited with status {process.returncode} before the API answered")
+            raise UIError(f"`medhash serve` exited with status {process.returncode} before the API answered")
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(2)
-    raise ConfigError(f"the API at {url} did not answer within {timeout_s:.0f} s")
+    raise UIError(f"the API at {url} did not answer within {timeout_s:.0f} s")
 
 
 def stop(process: subprocess.Popen, grace_s: float = 60.0) -> None:

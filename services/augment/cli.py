@@ -5,14 +5,14 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from medhash.services.config import load_config
+from medhash.services.config import DATASETS, load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "augment", help="LSCH stage 1: text views of each item from the three prompt templates (cached)"
     )
-    parser.add_argument("--dataset", required=True, choices=["medpix2", "covid-cxr", "iu-xray", "mimic-cxr", "manifest"])
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--root", type=Path, help="dataset folder (manifest: the manifest file)")
     parser.add_argument("--config", type=Path, help="YAML config (its data, augment and llm sections)")
     parser.add_argument("--generator", choices=["extractive", "local", "openai"], help="overrides augment.generator")
@@ -29,11 +29,10 @@ def run_augment(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
-    cfg = load_config(
-        args.config,
-        data={"dataset": args.dataset, "root": args.root},
-        augment={"generator": args.generator, "endpoint": args.endpoint, "model": args.model},
-    )
+    cfg = load_config(args.config, {
+        "data.dataset": args.dataset, "data.root": args.root,
+        "augment.generator": args.generator, "augment.endpoint": args.endpoint, "augment.model": args.model,
+    })
     dataset = open_dataset(cfg.data, pairs_only=False)
     if args.limit is not None:
         dataset = replace(dataset, items=dataset.items[: args.limit])

@@ -39,7 +39,7 @@ def make_generator(cfg: AugmentConfig, llm_cfg: LLMConfig) -> Generator:
     if cfg.generator == "extractive":
         return ExtractiveGenerator()
     if cfg.generator == "local":
-        from medhash.services.encoders.llm import load_causal_lm
+        from medhash.services.backbones.llm import load_causal_lm
 
         model, tokenizer = load_causal_lm(llm_cfg)
         return LocalLMGenerator(model, tokenizer, key, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)

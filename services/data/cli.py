@@ -5,7 +5,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from medhash.services.config import load_config
+from medhash.services.config import DATASETS, load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     summary = commands.add_parser("summary", help="counts, splits, labels and problems of a dataset")
     summary.add_argument("--config", type=Path, help="YAML config (its data section); flags override it")
-    summary.add_argument("--dataset", choices=["medpix2", "covid-cxr", "iu-xray", "mimic-cxr", "manifest"])
+    summary.add_argument("--dataset", choices=DATASETS)
     summary.add_argument("--root", type=Path, help="dataset folder (manifest: the manifest file)")
     summary.add_argument("--images", type=Path, help="image folder, where apart from the reports")
     summary.add_argument("--reports", type=Path, help="report folder, where apart from the images (MIMIC-CXR)")
@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_summary(args: argparse.Namespace) -> int:
     from medhash.services.data import open_dataset
 
-    fields = {k: getattr(args, k) for k in ("dataset", "root", "images", "reports", "split_file", "seed")}
-    cfg = load_config(args.config, data=fields).data
+    fields = {f"data.{k}": getattr(args, k) for k in ("dataset", "root", "images", "reports", "split_file", "seed")}
+    cfg = load_config(args.config, fields).data
     print("\n".join(summary_lines(open_dataset(cfg, pairs_only=False))))
     return 0
 

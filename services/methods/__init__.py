@@ -1,47 +1,23 @@
-"""Every hashing method by name, and what runs any of them: build, load a run, embed, hash.
+"""What runs any hashing method: build, load a run, embed, hash.
 
-``cfg.method`` picks the method; each is a model class with the interface of
-:class:`medhash.services.methods.base.HashModel` (LSCH's :class:`medhash.services.lsch.model.LSCHModel` included), so
-the Ray Train loop, evaluation and the Serve deployments never ask which method they run.
+``cfg.method`` picks the method from the registry (:mod:`medhash.services.registry`); each is a
+:class:`~medhash.services.methods.base.HashModel` (LSCH included), so the Ray Train loop, evaluation
+and the Serve deployments never ask which method they run. The modules here are the methods, the
+layers and losses several of them share (``layers``, ``losses``, ``gbrbm``) and LSCH's prompted LLM.
 """
 from __future__ import annotations
-
-from importlib import import_module
 
 import numpy as np
 import torch
 
 from medhash.services.codes import pack_codes
 from medhash.services.config import MedhashConfig
-from medhash.services.errors import ConfigError
+from medhash.services.methods.base import HashModel
+from medhash.services.registry import method_class
 from medhash.services.run_dir import RunDir
 
-METHODS = {  # name -> "module:class"
-    "lsch": "medhash.services.lsch.model:LSCHModel",
-    "msach": "medhash.services.methods.msach:MSACH",
-    "dcmh": "medhash.services.methods.dcmh:DCMH",
-    "dchmt": "medhash.services.methods.dchmt:DCHMT",
-    "dhaph": "medhash.services.methods.dhaph:DHaPH",
-    "ucch": "medhash.services.methods.ucch:UCCH",
-    "cca-itq": "medhash.services.methods.cca_itq:CCAITQ",
-    "float-dual": "medhash.services.methods.float_dual:FloatDualEncoder",
-}
-
-
-def method_class(name: str) -> type:
-    """The model class registered as ``name``; ConfigError for an unknown name."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    module, cls = METHODS[name].split(":")
-    return getattr(import_module(module), cls)
-
-
-def build_model(cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int) -> torch.nn.Module:
+def build_model(cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int) -> HashModel:
     """The untrained model of ``cfg.method`` (LSCH with its frozen LLM loaded)."""
-    if cfg.method == "lsch":
-        from medhash.services.lsch.pipeline import build_lsch
-
-        return build_lsch(cfg, image_dim, text_dim, n_labels)
     return method_class(cfg.method)(cfg, image_dim, text_dim, n_labels)
 
 
@@ -50,7 +26,7 @@ def schedule(cfg: MedhashConfig) -> list[str]:
     return method_class(cfg.method).schedule(cfg)
 
 
-def load_trained(run: RunDir) -> tuple[MedhashConfig, torch.nn.Module]:
+def load_trained(run: RunDir) -> tuple[MedhashConfig, HashModel]:
     """The configuration and the trained model (eval mode) of a finished run directory."""
     cfg, meta = run.config(), run.meta()
     model = build_model(cfg, meta["image_dim"], meta["text_dim"], len(run.label_names()))

@@ -1,6 +1,7 @@
 """The interface every hashing method implements, so one training loop, evaluation and service run them all.
 
-A method is a :class:`HashModel` subclass registered in :data:`medhash.services.methods.METHODS`. It maps frozen
+A method is a :class:`HashModel` subclass registered in the ``medhash.methods`` entry-point group
+(:mod:`medhash.services.registry`), with its parameters in a ``Params`` section. It maps frozen
 backbone features to float embeddings (``embed_image`` / ``embed_text``, the "float" rows of the
 results) and those to binary codes at each code length (``hash_probs`` > 0.5). Training is a list of
 stages, one per epoch (``schedule``); each step gets a global batch and returns the loss
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from medhash.services.config import MedhashConfig, Section
+from medhash.services.config import MedhashConfig, Section, check_code_length
 from medhash.services.errors import ConfigError, WeightsError
 
 FIT = "fit"  # the stage of closed-form methods
@@ -42,20 +43,22 @@ class Batch:
 class HashModel(nn.Module):
     """Base of every method's model. Subclasses set ``self.bits`` and implement the abstract methods."""
 
+    name: str = ""  # the registry name (``method:`` in a config)
     Params: type[Section] = Section  # the method's hyper-parameters (config ``method_params``), paper defaults
     paper: str = ""  # the publication this method re-implements
     float_stages: tuple[str, ...] = ()  # stages before the codes train (dev scores then use the float embeddings)
+    frozen_prefixes: tuple[str, ...] = ()  # state-dict prefixes of frozen pretrained weights, never saved
 
-    def __init__(self, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int) -> None:
+    def __init__(self, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.bits = tuple(sorted(cfg.lsch.bits))
+        self.bits = cfg.codes.bits
         self.params = self.params_of(cfg)
 
     @classmethod
     def params_of(cls, cfg: MedhashConfig) -> Section:
-        """This method's hyper-parameters: ``cfg.method_params[<method name>]`` over the paper defaults."""
-        return cls.Params.model_validate(cfg.method_params.get(cfg.method, {}))
+        """This method's hyper-parameters: ``cfg.method_params[<name>]`` over the paper defaults."""
+        return cls.Params.model_validate(cfg.method_params.get(cls.name, {}))
 
     # --- inference -----------------------------------------------------------------------------
     def embed_image(self, z: Tensor) -> Tensor:
@@ -73,23 +76,21 @@ class HashModel(nn.Module):
     def code_slice(self, v: Tensor, bits: int) -> Tensor:
         """The ``bits``-bit part of an embedding that holds every code length's outputs side by side
         (in ascending order of length), for methods whose float embedding is their relaxed codes."""
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
+        check_code_length(bits, self.bits)
         start = sum(b for b in self.bits if b < bits)
         return v[:, start : start + bits]
 
     def codes(self, v: Tensor, bits: int) -> Tensor:
         """Binary codes, bool [B, bits]."""
-        if bits not in self.bits:
-            raise ConfigError(f"no {bits}-bit codes: this model has {self.bits}")
+        check_code_length(bits, self.bits)
         with torch.no_grad():
             return self.hash_probs(v, bits) > 0.5
 
     # --- training ------------------------------------------------------------------------------
     @classmethod
     def schedule(cls, cfg: MedhashConfig) -> list[str]:
-        """The stage of every epoch (default: ``train.joint_epochs`` epochs of stage "joint")."""
-        return ["joint"] * cfg.train.joint_epochs
+        """The stage of every epoch (default: ``train.epochs`` epochs of stage "joint")."""
+        return ["joint"] * cfg.train.epochs
 
     def batch_loss(self, stage: str, batch: Batch, cfg: MedhashConfig) -> tuple[Tensor, dict[str, float]]:
         """The loss of one global batch in ``stage`` and its named parts (floats, for the history)."""
@@ -104,11 +105,23 @@ class HashModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def state_dict_trainable(self) -> dict[str, Tensor]:
-        """What a run directory stores (everything, unless a method holds frozen pretrained weights)."""
-        return {name: tensor.detach() for name, tensor in self.state_dict().items()}
+        """What a run directory stores: everything but frozen pretrained weights (``frozen_prefixes``)."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {
+            name: tensor.detach()
+            for name, tensor in self.state_dict().items()
+            if name in trainable or not name.startswith(self.frozen_prefixes)
+        }
 
     def load_state_dict_trainable(self, state: dict[str, Tensor]) -> None:
+        """Load what :meth:`state_dict_trainable` saved; refuse missing, extra or reshaped tensors."""
         expected = self.state_dict_trainable()
-        if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in expected):
-            raise WeightsError(f"{type(self).__name__} weights do not match this configuration")
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or reshaped:
+            raise WeightsError(
+                f"{type(self).__name__} weights do not match this configuration: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {reshaped[:5]}"
+            )
         self.load_state_dict(state, strict=False)

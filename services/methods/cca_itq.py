@@ -97,6 +97,7 @@ def itq_rotation(v: Tensor, iterations: int, generator: torch.Generator) -> Tens
 class CCAITQ(HashModel):
     """Centred features -> top canonical directions (float embedding) -> rotation -> sign, per code length."""
 
+    name = "cca-itq"
     Params = CCAITQParams
     paper = (
         "Gong, Lazebnik, Gordo, Perronnin: Iterative Quantization: A Procrustean Approach to Learning "

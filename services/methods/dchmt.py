@@ -6,7 +6,7 @@ Cross-modal Hashing via Multimodal Transformers", ACM Multimedia (MM) 2022.
 What we implement (our reading of the paper and its authors' public code):
 
 - **towers**: each modality's feature vector becomes a few tokens
-  (:class:`~medhash.services.lsch.model.TokenProjection`), its own small Transformer encoder reads them, and
+  (:class:`~medhash.services.methods.layers.TokenProjection`), its own small Transformer encoder reads them, and
   the mean-pooled, LayerNorm-ed output is the modality's representation (the paper: CLIP's ViT and
   text Transformer);
 - **selection mechanism** (the differentiable hashing layer): per modality and code length, a hidden
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from medhash.services.config import MedhashConfig, Section
 from medhash.services.errors import ConfigError
-from medhash.services.lsch.model import TokenProjection
+from medhash.services.methods.layers import TokenProjection
 from medhash.services.methods.base import Batch, HashModel
 
 
@@ -118,6 +118,7 @@ def label_similarity(labels: Tensor) -> tuple[Tensor, Tensor]:
 class DCHMT(HashModel):
     """Transformer towers -> selection layer per code length -> bit = the selected softmax entry."""
 
+    name = "dchmt"
     Params = DCHMTParams
     paper = (
         "Tu J., Liu X., Lin Z., Hong R., Wang M. Differentiable Cross-modal Hashing via Multimodal "

@@ -20,7 +20,7 @@ Our minibatch version, per code length, summed over the code lengths:
   (||B - F||^2 + ||B - G||^2) / n^2 and balance is the sum over bits of the squared batch mean;
 - B = sign(F + G) of the batch, recomputed each step and detached (sign(0) taken as +1);
 - **alternating stages**: epochs alternate "image" (only the image tower learns, G is detached) and
-  "text" (only the text tower learns, F is detached) within ``train.joint_epochs``, starting with
+  "text" (only the text tower learns, F is detached) within ``train.epochs``, starting with
   "image", as the paper alternates its two networks;
 - ``embed_image`` / ``embed_text`` return F / G of every code length side by side (the float rows
   compare them by cosine); ``hash_probs`` = sigmoid(F), so the code 1[hash_probs > 0.5] is sign(F).
@@ -89,6 +89,7 @@ def balance_loss(u: Tensor) -> Tensor:
 class DCMH(HashModel):
     """Image / text MLP towers -> F / G per code length; the code is sign(F) / sign(G)."""
 
+    name = "dcmh"
     Params = DCMHParams
     paper = "Jiang Q.-Y., Li W.-J. Deep Cross-Modal Hashing. CVPR 2017"
 
@@ -118,8 +119,8 @@ class DCMH(HashModel):
     # --- training ------------------------------------------------------------------------------
     @classmethod
     def schedule(cls, cfg: MedhashConfig) -> list[str]:
-        """``train.joint_epochs`` epochs alternating "image", "text", "image", ..."""
-        return [(IMAGE, TEXT)[epoch % 2] for epoch in range(cfg.train.joint_epochs)]
+        """``train.epochs`` epochs alternating "image", "text", "image", ..."""
+        return [(IMAGE, TEXT)[epoch % 2] for epoch in range(cfg.train.epochs)]
 
     def batch_loss(self, stage: str, batch: Batch, cfg: MedhashConfig) -> tuple[Tensor, dict[str, float]]:
         """The batch objective of the tower ``stage`` trains, the other tower's outputs fixed."""

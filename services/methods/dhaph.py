@@ -198,6 +198,7 @@ class HashLayer(nn.Module):
 class DHaPH(HashModel):
     """Image / text MLP towers -> one tanh hash layer per modality and code length; hyperbolic proxies."""
 
+    name = "dhaph"
     Params = DHaPHParams
     paper = (
         "Huo Y., Qin Q., Zhang W., Huang L., Nie J. Deep Hierarchy-aware Proxy Hashing with Self-paced "
@@ -242,7 +243,7 @@ class DHaPH(HashModel):
     def schedule(cls, cfg: MedhashConfig) -> list[str]:
         """Ramp epochs "pace e/k" (e = 1 .. k-1, k = ``pace_fraction`` of the epochs), then "joint"."""
         p = cls.params_of(cfg)
-        epochs = cfg.train.joint_epochs
+        epochs = cfg.train.epochs
         ramp = int(epochs * p.pace_fraction) if p.self_paced else 0
         stages = [f"pace {e}/{ramp}" for e in range(1, ramp)]
         return stages + [JOINT] * (epochs - len(stages))

@@ -10,7 +10,7 @@ Hamming distance approximates the embeddings' angle.
 Training objective: the symmetric InfoNCE of CLIP (Radford et al., "Learning Transferable Visual
 Models From Natural Language Supervision", ICML 2021) between image and text embeddings of a
 batch, the pair (i, i) positive, with items that share a label masked out of the negatives
-(:func:`medhash.services.lsch.losses.contrastive_loss`, as in LSCH; items with unknown labels stay negatives).
+(:func:`medhash.services.methods.losses.contrastive_loss`, as in LSCH; items with unknown labels stay negatives).
 
 Hyper-parameters: the towers of the deep baselines (feature -> ``hidden``, ReLU -> ``embed_dim``,
 1024 / 512 as DHaPH's), LSCH's temperature 0.1 and false-negative policy.
@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from medhash.services.config import MedhashConfig, Section
-from medhash.services.lsch.losses import contrastive_loss
+from medhash.services.methods.losses import contrastive_loss
 from medhash.services.methods.base import Batch, HashModel
 
 
@@ -47,6 +47,7 @@ class FloatDualParams(Section):
 class FloatDualEncoder(HashModel):
     """Image / text MLP towers -> float embeddings; codes = sign of a fixed random projection (LSH)."""
 
+    name = "float-dual"
     Params = FloatDualParams
     paper = (
         "Radford et al.: Learning Transferable Visual Models From Natural Language Supervision. ICML 2021 "

@@ -6,16 +6,16 @@ Journal of Biomedical Engineering (生物医学工程学杂志) 42(1): 156-163, 
 
 Our reading of the method (only the abstract is available to us):
 
-- **segmented training**, stage "features" (``train.align_epochs`` epochs): each modality's
+- **segmented training**, stage "features" (``feature_epochs`` epochs): each modality's
   features become a few tokens, a Transformer encoder shared by both modalities does the
   cross-modal semantic learning, and its mean-pooled, normalised output is the low-dimensional
   embedding v. Trained by cross-modal semantic alignment (symmetric InfoNCE between paired v^x,
   v^y, same-label items not pushed apart) plus the manifold-similarity constraint on the cosines of v;
-- stage "hash" (``train.joint_epochs`` epochs): the towers are frozen (``requires_grad`` off, so
+- stage "hash" (``train.epochs`` epochs): the towers are frozen (``requires_grad`` off, so
   they leave :meth:`MSACH.trainable_parameters`; embeddings computed without gradients, dropout
   off) and one hash layer u = tanh(W v) per code length learns from the
   **manifold similarity** constraint on the codes (S_ma: label cosine blended with a kNN graph over
-  the batch's frozen features, :func:`~medhash.services.lsch.losses.manifold_similarity`), **bit balance**,
+  the batch's frozen features, :func:`~medhash.services.methods.losses.manifold_similarity`), **bit balance**,
   quantisation |u| -> 1 and a **linear classification network** predicting the labels from u;
 - the code is sign(u), i.e. ``hash_probs`` = (u + 1) / 2 > 0.5.
 
@@ -29,7 +29,7 @@ Differences from the paper:
 
 - inputs are frozen feature vectors, not images and reports: the CNN / text feature extractors are
   replaced by a linear projection of each feature vector to a few tokens
-  (:class:`~medhash.services.lsch.model.TokenProjection`) in front of the shared Transformer encoder;
+  (:class:`~medhash.services.methods.layers.TokenProjection`) in front of the shared Transformer encoder;
 - the alignment loss of the "features" stage (InfoNCE) and the exact form of each constraint are
   ours (the paper's formulas are not available to us); the manifold term regresses (1 + cosine) / 2
   of v, and (1 + u_i . u_j / K) / 2 of the codes, onto S_ma across and within modalities;
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from medhash.services.config import MedhashConfig, Section
 from medhash.services.errors import ConfigError
-from medhash.services.lsch.losses import (
+from medhash.services.methods.losses import (
     balance_loss,
     classification_loss,
     contrastive_loss,
@@ -55,7 +55,7 @@ from medhash.services.lsch.losses import (
     pair_features,
     quantization_loss,
 )
-from medhash.services.lsch.model import TokenProjection
+from medhash.services.methods.layers import TokenProjection
 from medhash.services.methods.base import Batch, HashModel
 
 FEATURES, HASH = "features", "hash"
@@ -64,6 +64,7 @@ FEATURES, HASH = "features", "hash"
 class MSACHParams(Section):
     """MSACH's hyper-parameters (``method_params``); the paper gives none, all are our choices."""
 
+    feature_epochs: int = Field(5, ge=0)  # stage "features" before train.epochs of stage "hash"
     d_model: int = Field(256, ge=8)  # width of the tokens, the encoder and the embedding v
     layers: int = Field(2, ge=1)  # Transformer encoder layers
     heads: int = Field(4, ge=1)  # attention heads (must divide d_model)
@@ -83,6 +84,7 @@ class MSACHParams(Section):
 class MSACH(HashModel):
     """Features -> tokens -> shared Transformer encoder -> v -> tanh(W v) per code length."""
 
+    name = "msach"
     Params = MSACHParams
     float_stages = (FEATURES,)
     paper = (
@@ -132,8 +134,8 @@ class MSACH(HashModel):
     # --- training ------------------------------------------------------------------------------
     @classmethod
     def schedule(cls, cfg: MedhashConfig) -> list[str]:
-        """``train.align_epochs`` of "features", then ``train.joint_epochs`` of "hash"."""
-        return [FEATURES] * cfg.train.align_epochs + [HASH] * cfg.train.joint_epochs
+        """``feature_epochs`` of "features", then ``train.epochs`` of "hash"."""
+        return [FEATURES] * cls.params_of(cfg).feature_epochs + [HASH] * cfg.train.epochs
 
     def batch_loss(self, stage: str, batch: Batch, cfg: MedhashConfig) -> tuple[Tensor, dict[str, float]]:
         similarity = self._similarity(batch)

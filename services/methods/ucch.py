@@ -105,6 +105,7 @@ def cross_modal_ranking_loss(ux: Tensor, uy: Tensor, margin: float, shift: float
 class UCCH(HashModel):
     """Image / text MLPs -> tanh hash layer per modality and code length; code = sign(u)."""
 
+    name = "ucch"
     Params = UCCHParams
     paper = (
         "Hu P., Zhu H., Lin J., Peng D., Zhao Y.-P., Peng X. Unsupervised Contrastive Cross-modal "

@@ -1,38 +1,16 @@
-"""LSCH training losses (our reading of method.md), on relaxed codes u = 2 p(h | v) - 1.
+"""Loss terms shared by several methods, on relaxed codes or float embeddings.
 
-Per code length K, summed over the model's code lengths:
+- :func:`contrastive_loss`, symmetric InfoNCE with false-negative masking (:func:`false_negative_mask`)
+  and hard-negative re-weighting (:func:`hard_negative_weights`, Robinson et al. 2021);
+- :func:`manifold_similarity` (label cosine blended with a feature kNN graph) and :func:`manifold_loss`;
+- :func:`quantization_loss`, :func:`balance_loss` and :func:`classification_loss`.
 
-    L = contrastive(u^x, u^y) + alpha * manifold(u^x, u^y; S_ma) + beta * (quantisation + balance)
-
-- **contrastive** — symmetric InfoNCE over cosine(u^x_i, u^y_j) / tau, the pair (i, i) positive.
-  Items that count as false negatives of i (``false_negatives``: any shared label, the identical
-  label set, or none) are masked out, so same-class pairs are not pushed apart. **Hard negative mining** re-weights the remaining negatives by their difficulty
-  (Robinson et al. 2021): w_ij = N_i * softmax_j(strength * logit_ij) over i's N_i negatives, so
-  the weights average 1 and the most similar negatives count most; strength 0 (ablation off) gives
-  plain InfoNCE with the same false-negative masking.
-- **manifold** — S_ma in [0, 1] from labels (cosine of multi-hot vectors) where both items have
-  labels, blended with a cross-modal kNN graph over the frozen features (and the graph alone where
-  labels are unknown); code inner products u_i . u_j / K, mapped to [0, 1], regress onto S_ma
-  across modalities plus, at half weight each, within each modality.
-- **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
-- **classification** (weight gamma, ``classification_weight``; off by default): a linear classifier
-  per code length predicts each item's labels from u^x and u^y (binary cross-entropy over items with
-  labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes.
-
-Defaults alpha = 0.5, beta = 0.8 are the paper's small-set I2T pair; our terms are not the paper's
-(unpublished) ones, so they are a starting point, not a reproduction.
+How a method combines them is the method's own (e.g. :mod:`medhash.services.methods.lsch`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-from medhash.services.config import LSCHConfig
-
-if TYPE_CHECKING:
-    from medhash.services.lsch.model import LSCHModel
 
 
 def false_negative_mask(labels: torch.Tensor | None, n: int, policy: str) -> torch.Tensor:
@@ -157,74 +135,3 @@ def classification_loss(
         F.binary_cross_entropy_with_logits(classifier(ux[rows]), target)
         + F.binary_cross_entropy_with_logits(classifier(uy[rows]), target)
     )
-
-
-def lsch_loss(
-    model: LSCHModel, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, cfg: LSCHConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The joint loss of one batch: :func:`hashing_loss` of its embeddings.
-
-    ``z`` image features [B, image_dim], ``t`` text features [B, text_dim] of the paired report
-    (or an augmented view of it), ``labels`` multi-hot [B, C] (zero rows or None: unknown).
-    """
-    return hashing_loss(model, model.embed_image(z), model.embed_text(t), pair_features(z, t), labels, cfg)
-
-
-def hashing_loss(
-    model: LSCHModel,
-    vx: torch.Tensor,
-    vy: torch.Tensor,
-    pair_feats: torch.Tensor,
-    labels: torch.Tensor | None,
-    cfg: LSCHConfig,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The joint loss summed over the model's code lengths; ``parts`` holds each term's value.
-
-    Takes the embeddings v^x, v^y and the frozen pair features rather than the raw batch, so data
-    parallel training can gather them from every worker and score the whole global batch.
-    """
-    strength = cfg.hard_negative_strength if cfg.hard_negative_mining else 0.0
-    similarity = manifold_similarity(
-        labels, labels, pair_feats, pair_feats, cfg.knn_k, cfg.manifold_label_weight
-    ).to(vx.device)
-    terms = {"contrastive": 0.0, "manifold": 0.0, "quantization": 0.0, "balance": 0.0}
-    if model.classifiers:
-        terms["classification"] = 0.0
-    known = labels is not None and bool(model.classifiers) and bool((labels.sum(dim=1) > 0).any())
-    for bits in model.bits:
-        ux, uy = 2 * model.hash_probs(vx, bits) - 1, 2 * model.hash_probs(vy, bits) - 1
-        terms["contrastive"] = terms["contrastive"] + contrastive_loss(
-            ux, uy, labels, cfg.tau, strength, cfg.false_negatives
-        )
-        terms["manifold"] = terms["manifold"] + manifold_loss(ux, uy, similarity)
-        terms["quantization"] = terms["quantization"] + 0.5 * (quantization_loss(ux) + quantization_loss(uy))
-        terms["balance"] = terms["balance"] + 0.5 * (balance_loss(ux) + balance_loss(uy))
-        if known:
-            terms["classification"] = terms["classification"] + classification_loss(
-                model.classifiers[str(bits)], ux, uy, labels
-            )
-    total = (
-        terms["contrastive"]
-        + cfg.alpha * terms["manifold"]
-        + cfg.beta * (terms["quantization"] + terms["balance"])
-        + cfg.classification_weight * terms.get("classification", 0.0)
-    )
-    parts = {name: float(value) for name, value in terms.items()}
-    parts["total"] = float(total.detach())
-    return total, parts
-
-
-def alignment_loss(
-    model: LSCHModel, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, cfg: LSCHConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Float-level alignment before hashing: :func:`embedding_alignment_loss` of one batch."""
-    return embedding_alignment_loss(model.embed_image(z), model.embed_text(t), labels, cfg)
-
-
-def embedding_alignment_loss(
-    vx: torch.Tensor, vy: torch.Tensor, labels: torch.Tensor | None, cfg: LSCHConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The contrastive loss on v^x, v^y themselves (heads untouched)."""
-    strength = cfg.hard_negative_strength if cfg.hard_negative_mining else 0.0
-    loss = contrastive_loss(vx, vy, labels, cfg.tau, strength, cfg.false_negatives)
-    return loss, {"contrastive_v": float(loss.detach()), "total": float(loss.detach())}

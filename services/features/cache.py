@@ -22,8 +22,8 @@ from tqdm import tqdm
 from medhash.services.config import cache_root
 from medhash.services.data.images import load_image
 from medhash.services.data.item import Dataset, Item
-from medhash.services.encoders.image import ImageEncoder
-from medhash.services.encoders.text import TextEncoder
+from medhash.services.backbones.image import ImageBackbone
+from medhash.services.backbones.text import TextBackbone
 from medhash.services.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class FeatureCache:
         (self.dir / "key.txt").write_text(key + "\n", encoding="utf-8")
 
     @classmethod
-    def for_encoder(cls, dataset_name: str, encoder: ImageEncoder | TextEncoder, view: str) -> "FeatureCache":
+    def for_encoder(cls, dataset_name: str, encoder: ImageBackbone | TextBackbone, view: str) -> "FeatureCache":
         """The cache of ``encoder`` features of one view ("image", "report", an augmented text view)."""
         return cls(dataset_name, f"{view}|{encoder.preprocessing_key}")
 
@@ -77,7 +77,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def extract_image_features(
-    dataset: Dataset, encoder: ImageEncoder, cache: FeatureCache, batch_size: int = 16, progress: bool = True
+    dataset: Dataset, encoder: ImageBackbone, cache: FeatureCache, batch_size: int = 16, progress: bool = True
 ) -> tuple[list[str], np.ndarray]:
     """Pooled image features of every item (the mean over its images), served from ``cache``.
 
@@ -96,7 +96,7 @@ def extract_image_features(
     return _in_order([item.id for item in dataset.items], cached, encoder.dim)
 
 
-def _encode_images(items: list[Item], encoder: ImageEncoder) -> tuple[list[str], np.ndarray]:
+def _encode_images(items: list[Item], encoder: ImageBackbone) -> tuple[list[str], np.ndarray]:
     ids, pixels, counts = [], [], []
     for item in items:
         try:
@@ -118,7 +118,7 @@ def _encode_images(items: list[Item], encoder: ImageEncoder) -> tuple[list[str],
 
 
 def extract_text_features(
-    ids: list[str], texts: list[str], encoder: TextEncoder, cache: FeatureCache, progress: bool = True
+    ids: list[str], texts: list[str], encoder: TextBackbone, cache: FeatureCache, progress: bool = True
 ) -> tuple[list[str], np.ndarray]:
     """Text embeddings of ``texts`` (one per id), served from ``cache``.
 

@@ -26,11 +26,14 @@ from medhash.services.errors import ConfigError, WeightsError
 log = logging.getLogger(__name__)
 
 OFFLINE_GEMMA = "gemma-3-270m"
+TINY_RANDOM_LLM = "tiny-random"  # llm.name for fast tests: a tiny random Gemma3, no weights read
 _INSTALL_LLM = "pip install 'medhash[llm]'"
 
 
 def load_causal_lm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The LM named by ``cfg`` in fp32 eval mode with its tokenizer, cut to ``cfg.num_layers``."""
+    if cfg.name == TINY_RANDOM_LLM:
+        return tiny_causal_lm(num_layers=cfg.num_layers or 2)
     source = converted_gemma_dir() if cfg.name == OFFLINE_GEMMA else cfg.name
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from medhash.services.codes import hamming_distances, save_codes_npz
+from medhash.services.config import override
 from medhash.services.errors import ConfigError
-from medhash.services.evaluation import evaluate, reference_maps
-from medhash.services.featureset import FeatureSet, build_featureset
+from medhash.services.evaluation.protocols import evaluate, reference_maps
+from medhash.services.features.featureset import FeatureSet, build_featureset
 from medhash.services.methods import embed, hash_codes, load_trained
-from medhash.services.metrics import pr_curve_by_radius, protocol_relevance
+from medhash.services.evaluation.metrics import pr_curve_by_radius, protocol_relevance
 from medhash.services.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ def evaluate_run(
     """
     run = RunDir(run_path)
     cfg = run.config()
-    data_update = {k: v for k, v in {"split_file": split_file, "root": root}.items() if v is not None}
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=data_update)})
+    given = {f"data.{k}": v for k, v in {"split_file": split_file, "root": root}.items() if v is not None}
+    cfg = override(cfg, given)
     features = features or build_featureset(cfg)
     if list(features.label_names) != run.label_names():
         raise ConfigError(f"{run_path}: the dataset's label list differs from the one the run was trained on")

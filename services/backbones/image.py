@@ -17,11 +17,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from medhash.services.config import ImageBackboneConfig
-from medhash.services.encoders import load_hf_model
+from medhash.services.backbones import load_hf_model
 from medhash.services.errors import ConfigError, WeightsError
 
 
-class ImageEncoder(nn.Module):
+class ImageBackbone(nn.Module):
     """A frozen-or-trainable image backbone with its own preprocessing."""
 
     def __init__(self, backbone: nn.Module, preprocessing_key: str):
@@ -39,7 +39,7 @@ class ImageEncoder(nn.Module):
         raise NotImplementedError
 
 
-class EfficientNetLiteEncoder(ImageEncoder):
+class EfficientNetLiteBackbone(ImageBackbone):
     """EfficientNet-Lite: pad to square, resize, grey repeated to RGB, mean/std 0.5, global avg pool.
 
     Padding with black (not cropping) keeps the whole scan; medical images have black borders.
@@ -60,7 +60,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         return self.backbone.extract_features(batch).mean(dim=(2, 3))
 
 
-class HFImageEncoder(ImageEncoder):
+class HFImageBackbone(ImageBackbone):
     """A Hugging Face vision model with its own image processor; pooled output, else CLS / mean."""
 
     def __init__(self, backbone: nn.Module, processor, name: str, use_pooler: bool):
@@ -80,7 +80,7 @@ class HFImageEncoder(ImageEncoder):
         return hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden[:, 0]
 
 
-class TimmImageEncoder(ImageEncoder):
+class TimmImageBackbone(ImageBackbone):
     """A timm model created with ``num_classes=0`` (pooled features) and its own eval transform."""
 
     def __init__(self, backbone: nn.Module, name: str, transform, data_config: dict):
@@ -102,13 +102,13 @@ def pad_to_square(img: Image.Image) -> Image.Image:
     return canvas
 
 
-def build_image_encoder(cfg: ImageBackboneConfig) -> ImageEncoder:
+def build_image_backbone(cfg: ImageBackboneConfig) -> ImageBackbone:
     """The image backbone named by ``cfg``, with pretrained weights or a WeightsError."""
     builders = {"efficientnet-lite": _efficientnet_lite, "hf": _hf, "timm": _timm}
     return builders[cfg.kind](cfg)
 
 
-def _efficientnet_lite(cfg: ImageBackboneConfig) -> ImageEncoder:
+def _efficientnet_lite(cfg: ImageBackboneConfig) -> ImageBackbone:
     from efficientnet_lite_pytorch import EfficientNet
 
     variant = cfg.name.removeprefix("efficientnet-lite")
@@ -123,10 +123,10 @@ def _efficientnet_lite(cfg: ImageBackboneConfig) -> ImageEncoder:
         ) from exc
     model = EfficientNet.from_name(cfg.name, image_size=cfg.image_size)
     model.load_state_dict(torch.load(weights_file.get_model_file_path(), map_location="cpu"))
-    return EfficientNetLiteEncoder(model, cfg.name, cfg.image_size)
+    return EfficientNetLiteBackbone(model, cfg.name, cfg.image_size)
 
 
-def _hf(cfg: ImageBackboneConfig) -> ImageEncoder:
+def _hf(cfg: ImageBackboneConfig) -> ImageBackbone:
     from transformers import AutoImageProcessor
 
     model, pooler_loaded = load_hf_model(cfg.name, "image backbone")
@@ -135,10 +135,10 @@ def _hf(cfg: ImageBackboneConfig) -> ImageEncoder:
         processor = AutoImageProcessor.from_pretrained(cfg.name)
     except (OSError, ValueError) as exc:
         raise WeightsError(f"image backbone {cfg.name!r} has no image processor config: {exc}") from exc
-    return HFImageEncoder(model, processor, cfg.name, use_pooler=pooler_loaded)
+    return HFImageBackbone(model, processor, cfg.name, use_pooler=pooler_loaded)
 
 
-def _timm(cfg: ImageBackboneConfig) -> ImageEncoder:
+def _timm(cfg: ImageBackboneConfig) -> ImageBackbone:
     try:
         import timm
         from timm.data import create_transform, resolve_data_config
@@ -151,4 +151,4 @@ def _timm(cfg: ImageBackboneConfig) -> ImageEncoder:
         raise WeightsError(f"cannot load timm model {cfg.name!r} with pretrained weights: {exc}") from exc
     data_config = resolve_data_config({}, model=model)
     transform = create_transform(**data_config, is_training=False)
-    return TimmImageEncoder(model, cfg.name, transform, data_config)
+    return TimmImageBackbone(model, cfg.name, transform, data_config)

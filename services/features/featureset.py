@@ -52,23 +52,25 @@ def limit_per_split(dataset: Dataset, limit: int) -> Dataset:
 
 
 def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progress: bool = True) -> FeatureSet:
-    """Read (or compute once and cache) every feature ``cfg`` asks for."""
-    from medhash.services.encoders.image import build_image_encoder
-    from medhash.services.encoders.text import build_text_encoder
-    from medhash.services.features import FeatureCache, extract_image_features, extract_text_features
+    """Read (or compute once and cache) every feature ``cfg`` asks for, of ``dataset`` as given or of
+    ``cfg.data`` (then cut to ``train.limit_items`` per split)."""
+    from medhash.services.backbones.image import build_image_backbone
+    from medhash.services.backbones.text import build_text_backbone
+    from medhash.services.features.cache import FeatureCache, extract_image_features, extract_text_features
 
-    dataset = dataset or open_dataset(cfg.data)
-    if cfg.train.limit_items:
-        dataset = limit_per_split(dataset, cfg.train.limit_items)
+    if dataset is None:
+        dataset = open_dataset(cfg.data)
+        if cfg.train.limit_items:
+            dataset = limit_per_split(dataset, cfg.train.limit_items)
     for problem in dataset.problems:
         log.warning("%s: %s", dataset.name, problem)
 
-    image_encoder = build_image_encoder(cfg.image_backbone)
+    image_encoder = build_image_backbone(cfg.image_backbone)
     image_ids, image = extract_image_features(
         dataset, image_encoder, FeatureCache.for_encoder(dataset.name, image_encoder, "image"),
         batch_size=cfg.image_backbone.batch_size, progress=progress,
     )
-    text_encoder = build_text_encoder(cfg.text_backbone)
+    text_encoder = build_text_backbone(cfg.text_backbone)
     items = {item.id: item for item in dataset.items}
     text_ids, text = extract_text_features(
         image_ids, [items[i].report for i in image_ids], text_encoder,
@@ -80,7 +82,7 @@ def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progres
     ids = text_ids
 
     view_names, views = (), np.zeros((len(ids), 0, text.shape[1]), np.float32)
-    if cfg.lsch.use_augmentation:
+    if cfg.augment.use_views:
         view_names, views = _view_features(cfg, dataset, ids, text, text_encoder, progress)
 
     label_matrix = dataset.label_matrix()
@@ -104,7 +106,7 @@ def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
     """Features of each augmented text view; an item without a view falls back to its report."""
     from medhash.services.augment import augment_dataset
     from medhash.services.augment.generators import generator_key
-    from medhash.services.features import FeatureCache, extract_text_features
+    from medhash.services.features.cache import FeatureCache, extract_text_features
 
     augmented = augment_dataset(dataset, cfg.augment, cfg.llm, progress=progress)
     names = list(cfg.augment.templates)

@@ -1,0 +1,32 @@
+"""Layers shared by several methods: features mapped to a few tokens of a Transformer's embedding space."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TokenProjection(nn.Module):
+    """Features [B, in] -> m tokens [B, m, d] at the scale ``token_scale`` per coordinate."""
+
+    def __init__(self, in_dim: int, n_tokens: int, dim: int, token_scale: float) -> None:
+        super().__init__()
+        self.n_tokens, self.dim, self.token_scale = n_tokens, dim, token_scale
+        self.norm_in = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, n_tokens * dim)
+        self.position = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(self.norm_in(features)).view(len(features), self.n_tokens, self.dim)
+        return self.norm_out(tokens + self.position) * self.token_scale
+
+
+class LinearToken(nn.Module):
+    """The "structured encoding off" ablation: one plain linear map to a single token [B, 1, d]."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features).unsqueeze(1)

@@ -1,0 +1,298 @@
+"""LSCH, stages 2-4 of docs/method.md, on frozen cached backbone features, and its training losses.
+
+Our reading of the method:
+
+- inputs are frozen backbone features: image Z [B, image_dim] (EfficientNet-Lite0 pooled) and
+  text features [B, text_dim] (MiniLM, for reports and their augmented views);
+- **structured encoding layer** (image, stage 2): Z -> X, ``m_img_tokens`` tokens in the LLM's
+  input-embedding space: LayerNorm, one linear map to m * d, reshape, learned token-position
+  embeddings, then a LayerNorm scaled to the RMS of the LLM's own input embeddings, so X looks
+  like a short "sentence" to the LLM. Ablation off: one plain linear map Z -> one token;
+- **LLM encoding layer** (text): text features -> Y, ``m_txt_tokens`` tokens, the same structure;
+- **prompt-tuned LLM alignment** (stage 3, :class:`~medhash.services.methods.prompted_llm.PromptedLLM`): the frozen
+  LLM reads [BOS, soft prompt, hard prompt, x or y tokens]; v^x / v^y = its pooled last hidden
+  state. Ablation "LLM off": v = a linear map of the mean of the x / y tokens;
+- **GBRBM hashing** (stage 4): v is standardised by a learned LayerNorm (the Gaussian visible units
+  expect unit-scale data), then one GBRBM per code length gives p(h | v); code = 1[p(h | v) > 0.5].
+  Ablation "GBRBM off": p = sigmoid(linear(v)), i.e. code = sign of a linear layer, relaxed
+  during training as u = 2p - 1 = tanh(linear(v) / 2).
+
+Only projections, prompts and heads train; :meth:`LSCH.state_dict_trainable` holds exactly
+those (never the frozen LLM), for the run directory's safetensors file.
+
+Training (our reading of method.md), on relaxed codes u = 2 p(h | v) - 1 (terms in
+:mod:`medhash.services.methods.losses`).
+
+Per code length K, summed over the model's code lengths:
+
+    L = contrastive(u^x, u^y) + alpha * manifold(u^x, u^y; S_ma) + beta * (quantisation + balance)
+
+- **contrastive** — symmetric InfoNCE over cosine(u^x_i, u^y_j) / tau, the pair (i, i) positive.
+  Items that count as false negatives of i (``false_negatives``: any shared label, the identical
+  label set, or none) are masked out, so same-class pairs are not pushed apart. **Hard negative mining** re-weights the remaining negatives by their difficulty
+  (Robinson et al. 2021): w_ij = N_i * softmax_j(strength * logit_ij) over i's N_i negatives, so
+  the weights average 1 and the most similar negatives count most; strength 0 (ablation off) gives
+  plain InfoNCE with the same false-negative masking.
+- **manifold** — S_ma in [0, 1] from labels (cosine of multi-hot vectors) where both items have
+  labels, blended with a cross-modal kNN graph over the frozen features (and the graph alone where
+  labels are unknown); code inner products u_i . u_j / K, mapped to [0, 1], regress onto S_ma
+  across modalities plus, at half weight each, within each modality.
+- **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
+- **classification** (weight gamma, ``classification_weight``; off by default): a linear classifier
+  per code length predicts each item's labels from u^x and u^y (binary cross-entropy over items with
+  labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes.
+
+Defaults alpha = 0.5, beta = 0.8 are the paper's small-set I2T pair; our terms are not the paper's
+(unpublished) ones, so they are a starting point, not a reproduction.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from medhash.services.backbones.llm import load_causal_lm
+from medhash.services.config import MedhashConfig, Section, check_code_length
+from medhash.services.errors import ConfigError
+from medhash.services.methods.base import Batch, HashModel
+from medhash.services.methods.gbrbm import GBRBM
+from medhash.services.methods.layers import LinearToken, TokenProjection
+from medhash.services.methods.losses import (
+    balance_loss,
+    classification_loss,
+    contrastive_loss,
+    manifold_loss,
+    manifold_similarity,
+    pair_features,
+    quantization_loss,
+)
+from medhash.services.methods.prompted_llm import PromptedLLM
+
+
+class LSCHParams(Section):
+    """LSCH's parameters (``method_params.lsch``): stages, ablation switches, architecture and losses."""
+
+    align_epochs: int = Field(5, ge=0)  # stage A: align v^x, v^y (float contrastive), GBRBM untouched
+    rbm_epochs: int = Field(5, ge=0)  # stage B: CD-k pre-training of the GBRBM heads on frozen v
+    # stage C, joint fine-tuning through p(h|v), runs train.epochs
+    # ablation switches (method.md: switch off one at a time)
+    use_structured_encoding: bool = True  # off: one plain linear map Z -> one LLM token
+    use_soft_prompt: bool = True
+    use_hard_prompt: bool = True
+    use_llm: bool = True  # off: v = linear map of the pooled x / y tokens, no LLM
+    use_gbrbm: bool = True  # off: code = sign of a linear layer (tanh relaxation in training)
+    hard_negative_mining: bool = True  # off: plain InfoNCE
+    # architecture
+    m_img_tokens: int = Field(4, ge=1)  # tokens X per image in the LLM embedding space
+    m_txt_tokens: int = Field(4, ge=1)  # tokens Y per report
+    n_virtual_tokens: int = Field(8, ge=1)  # soft prompt length
+    pooling: Literal["mean", "last"] = "mean"  # v = mean over the x / y positions, or the last one
+    image_prompt: str = "Represent this medical image for retrieval of matching radiology reports:"
+    text_prompt: str = "Represent this radiology report for retrieval of matching medical images:"
+    lora_rank: int = Field(0, ge=0)  # > 0: LoRA adapters (peft) on the LLM attention projections
+    embed_dim: int = Field(640, ge=8)  # width of v when no LLM is loaded (use_llm off)
+    # losses
+    tau: float = Field(0.1, gt=0)  # InfoNCE temperature
+    alpha: float = Field(0.5, ge=0)  # manifold-similarity weight (paper, small set, I2T)
+    beta: float = Field(0.8, ge=0)  # quantisation + bit-balance weight (paper, small set, I2T)
+    hard_negative_strength: float = Field(0.5, ge=0)  # beta_h of the negatives' weights exp(beta_h * logit)
+    # which items the contrastive term never pushes apart from item i (besides its own pair):
+    # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
+    false_negatives: Literal["shared_label", "same_labels", "none"] = "shared_label"
+    classification_weight: float = Field(0.0, ge=0)  # gamma: codes linearly predict the labels (0: off)
+    knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
+    manifold_label_weight: float = Field(0.8, ge=0, le=1)  # share of label cosine in S_ma where labels exist
+    gbrbm_cd_k: int = Field(1, ge=1)  # Gibbs steps of CD-k pre-training
+
+
+class LSCH(HashModel):
+    """Image / text features -> v^x / v^y -> p(h | v) per code length -> binary codes."""
+
+    name = "lsch"
+    Params = LSCHParams
+    paper = "LLM-driven semantic mining cross-modal hashing (docs/method.md)"
+    float_stages = ("align",)  # stages before the hashing heads train (dev scores use float v)
+    frozen_prefixes = ("prompted.llm.",)  # the frozen LLM is loaded from its package, never saved
+
+    def __init__(
+        self,
+        cfg: MedhashConfig,
+        image_dim: int,
+        text_dim: int,
+        n_labels: int = 0,
+        llm: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        """The frozen LLM is ``cfg.llm`` loaded here, or ``llm`` / ``tokenizer`` when given (tests, or an
+        LLM already loaded); it is frozen in place. With ``classification_weight`` > 0 and ``n_labels``
+        labels, each code length gets a linear label classifier on its relaxed codes (a training-time
+        constraint; codes never depend on it)."""
+        super().__init__(cfg, image_dim, text_dim, n_labels)
+        p = self.params
+        self.prompted: PromptedLLM | None = None
+        if p.use_llm:
+            if llm is None:
+                llm, tokenizer = load_causal_lm(cfg.llm)
+            self.prompted = PromptedLLM(
+                llm,
+                tokenizer,
+                hard_prompts={
+                    "image": p.image_prompt if p.use_hard_prompt else "",
+                    "text": p.text_prompt if p.use_hard_prompt else "",
+                },
+                n_virtual_tokens=p.n_virtual_tokens if p.use_soft_prompt else 0,
+                pooling=p.pooling,
+                lora_rank=p.lora_rank,
+            )
+            dim, token_scale = self.prompted.hidden_size, self.prompted.token_scale
+        else:
+            dim, token_scale = p.embed_dim, 1.0
+            self.pool_proj = nn.Linear(dim, dim)
+        self.dim = dim
+        self.image_tokens = (
+            TokenProjection(image_dim, p.m_img_tokens, dim, token_scale)
+            if p.use_structured_encoding
+            else LinearToken(image_dim, dim)
+        )
+        self.text_tokens = TokenProjection(text_dim, p.m_txt_tokens, dim, token_scale)
+        self.visible_norm = nn.LayerNorm(dim)
+        self.heads = nn.ModuleDict(
+            {str(b): GBRBM(dim, b) if p.use_gbrbm else nn.Linear(dim, b) for b in self.bits}
+        )
+        self.classifiers = nn.ModuleDict(
+            {str(b): nn.Linear(b, n_labels) for b in self.bits} if p.classification_weight > 0 and n_labels else {}
+        )
+
+    def _pool(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
+        if self.prompted is not None:
+            return self.prompted(tokens, modality)
+        return self.pool_proj(tokens.mean(dim=1))
+
+    def embed_image(self, z: torch.Tensor) -> torch.Tensor:
+        """v^x [B, d] from image features z [B, image_dim]."""
+        return self._pool(self.image_tokens(z), "image")
+
+    def embed_text(self, t: torch.Tensor) -> torch.Tensor:
+        """v^y [B, d] from text features t [B, text_dim]."""
+        return self._pool(self.text_tokens(t), "text")
+
+    def _head(self, bits: int) -> nn.Module:
+        return self.heads[str(check_code_length(bits, self.bits))]
+
+    def visible(self, v: torch.Tensor) -> torch.Tensor:
+        """v standardised for the hashing heads (the GBRBM's visible units)."""
+        return self.visible_norm(v)
+
+    def hash_probs(self, v: torch.Tensor, bits: int) -> torch.Tensor:
+        """p(h = 1 | v) [B, bits]: GBRBM hidden probabilities, or sigmoid of the linear head."""
+        head = self._head(bits)
+        if isinstance(head, GBRBM):
+            return head.hidden_probs(self.visible(v))
+        return torch.sigmoid(head(self.visible(v)))
+
+    def gbrbm_pretrain_loss(self, v: torch.Tensor) -> torch.Tensor:
+        """CD-k surrogate summed over the GBRBM heads, on standardised and detached v (the data)."""
+        if not self.params.use_gbrbm:
+            raise ConfigError("GBRBM pre-training needs method_params.lsch.use_gbrbm: true")
+        data = self.visible(v).detach()
+        return sum(self.heads[str(b)].cd_loss(data, self.params.gbrbm_cd_k) for b in self.bits)
+
+    @classmethod
+    def schedule(cls, cfg: MedhashConfig) -> list[str]:
+        """Stage A "align", B "rbm" (only with GBRBM heads), C "joint": the stage of every epoch."""
+        p = cls.params_of(cfg)
+        return ["align"] * p.align_epochs + ["rbm"] * (p.rbm_epochs if p.use_gbrbm else 0) + ["joint"] * cfg.train.epochs
+
+    def batch_loss(self, stage: str, batch: Batch, cfg: MedhashConfig) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one global batch in ``stage``.
+
+        This worker embeds its share of the batch; the embeddings are gathered so every worker
+        scores the whole global batch. The GBRBM stage needs no gathering (CD on local v).
+        """
+        z, t = batch.z[batch.local], batch.t[batch.local]
+        if stage == "rbm":
+            with torch.no_grad():
+                v = torch.cat([self.embed_image(z), self.embed_text(t)])
+            loss = self.gbrbm_pretrain_loss(v)
+            with torch.no_grad():
+                visible = self.visible(v)
+                error = sum(float(self.heads[str(b)].reconstruction_error(visible)) for b in self.bits) / len(self.bits)
+            return loss, {"cd": loss.item(), "reconstruction": error, "total": loss.item()}
+        vx, vy = batch.gather(self.embed_image(z)), batch.gather(self.embed_text(t))
+        if stage == "align":
+            return embedding_alignment_loss(vx, vy, batch.labels, self.params)
+        return hashing_loss(self, vx, vy, pair_features(batch.z, batch.t), batch.labels, self.params)
+
+
+def lsch_loss(
+    model: LSCH, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, params: LSCHParams
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The joint loss of one batch: :func:`hashing_loss` of its embeddings.
+
+    ``z`` image features [B, image_dim], ``t`` text features [B, text_dim] of the paired report
+    (or an augmented view of it), ``labels`` multi-hot [B, C] (zero rows or None: unknown).
+    """
+    return hashing_loss(model, model.embed_image(z), model.embed_text(t), pair_features(z, t), labels, params)
+
+
+def hashing_loss(
+    model: LSCH,
+    vx: torch.Tensor,
+    vy: torch.Tensor,
+    pair_feats: torch.Tensor,
+    labels: torch.Tensor | None,
+    params: LSCHParams,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The joint loss summed over the model's code lengths; ``parts`` holds each term's value.
+
+    Takes the embeddings v^x, v^y and the frozen pair features rather than the raw batch, so data
+    parallel training can gather them from every worker and score the whole global batch.
+    """
+    strength = params.hard_negative_strength if params.hard_negative_mining else 0.0
+    similarity = manifold_similarity(
+        labels, labels, pair_feats, pair_feats, params.knn_k, params.manifold_label_weight
+    ).to(vx.device)
+    terms = {"contrastive": 0.0, "manifold": 0.0, "quantization": 0.0, "balance": 0.0}
+    if model.classifiers:
+        terms["classification"] = 0.0
+    known = labels is not None and bool(model.classifiers) and bool((labels.sum(dim=1) > 0).any())
+    for bits in model.bits:
+        ux, uy = 2 * model.hash_probs(vx, bits) - 1, 2 * model.hash_probs(vy, bits) - 1
+        terms["contrastive"] = terms["contrastive"] + contrastive_loss(
+            ux, uy, labels, params.tau, strength, params.false_negatives
+        )
+        terms["manifold"] = terms["manifold"] + manifold_loss(ux, uy, similarity)
+        terms["quantization"] = terms["quantization"] + 0.5 * (quantization_loss(ux) + quantization_loss(uy))
+        terms["balance"] = terms["balance"] + 0.5 * (balance_loss(ux) + balance_loss(uy))
+        if known:
+            terms["classification"] = terms["classification"] + classification_loss(
+                model.classifiers[str(bits)], ux, uy, labels
+            )
+    total = (
+        terms["contrastive"]
+        + params.alpha * terms["manifold"]
+        + params.beta * (terms["quantization"] + terms["balance"])
+        + params.classification_weight * terms.get("classification", 0.0)
+    )
+    parts = {name: float(value) for name, value in terms.items()}
+    parts["total"] = float(total.detach())
+    return total, parts
+
+
+def alignment_loss(
+    model: LSCH, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, params: LSCHParams
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Float-level alignment before hashing: :func:`embedding_alignment_loss` of one batch."""
+    return embedding_alignment_loss(model.embed_image(z), model.embed_text(t), labels, params)
+
+
+def embedding_alignment_loss(
+    vx: torch.Tensor, vy: torch.Tensor, labels: torch.Tensor | None, params: LSCHParams
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The contrastive loss on v^x, v^y themselves (heads untouched)."""
+    strength = params.hard_negative_strength if params.hard_negative_mining else 0.0
+    loss = contrastive_loss(vx, vy, labels, params.tau, strength, params.false_negatives)
+    return loss, {"contrastive_v": float(loss.detach()), "total": float(loss.detach())}
