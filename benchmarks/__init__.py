@@ -1,1 +1,1 @@
-"""Speed benchmarks, run through `medhash bench`."""
+"""Speed benchmarks, the quality comparison and the ablation, run through `medhash bench`."""

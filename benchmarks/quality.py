@@ -39,12 +39,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medhash.services.errors import ConfigError
-    from medhash.services.methods import METHODS
+    from medhash.services.registry import method_names
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
-        raise ConfigError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown methods {unknown}; known: {', '.join(method_names())}")
     bits = args.bits
     seeds = tuple(int(s) for s in args.seeds.split(","))
     configs = {

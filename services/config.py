@@ -23,6 +23,7 @@ from medhash.services.errors import ConfigError
 DatasetName = Literal["medpix2", "covid-cxr", "iu-xray", "mimic-cxr", "manifest"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)  # every dataset reader, for command-line choices
 MAX_BITS = 1024
+CODE_LENGTH_RULE = "a code length is a multiple of 8 from 8 to " + str(MAX_BITS) + " bits, got {!r}"
 
 
 def cache_root() -> Path:
@@ -34,6 +35,7 @@ class Section(BaseModel):
     """A frozen settings block that refuses unknown keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -131,7 +133,8 @@ class CodesConfig(Section):
         if not bits:
             raise ValueError("at least one code length")
         for b in bits:
-            check_code_length(b)
+            if not _valid_code_length(b):
+                raise ValueError(CODE_LENGTH_RULE.format(b))
         if len(set(bits)) != len(bits):
             raise ValueError(f"code lengths repeat: {bits}")
         return tuple(sorted(bits))
@@ -143,9 +146,13 @@ def check_code_length(bits: int, available: tuple[int, ...] | None = None, what:
     if available is not None:
         if bits not in available:
             raise ConfigError(f"no {bits}-bit {what}: the code lengths here are {', '.join(map(str, available))}")
-    elif isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= MAX_BITS or bits % 8:
-        raise ConfigError(f"a code length is a multiple of 8 from 8 to {MAX_BITS} bits, got {bits!r}")
+    elif not _valid_code_length(bits):
+        raise ConfigError(CODE_LENGTH_RULE.format(bits))
     return bits
+
+
+def _valid_code_length(bits: object) -> bool:
+    return isinstance(bits, int) and not isinstance(bits, bool) and 8 <= bits <= MAX_BITS and bits % 8 == 0
 
 
 class MedhashConfig(Section):

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medhash.serving.pipeline import Hasher
-from medhash.services.config import MedhashConfig
+from medhash.services.config import MedhashConfig, override
 from medhash.services.data.item import Dataset
 from medhash.services.features.featureset import FeatureSet, build_featureset
 from medhash.services.methods import embed, load_trained

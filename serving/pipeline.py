@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from medhash.services.codes import pack_codes
-from medhash.services.config import MedhashConfig
+from medhash.services.config import MedhashConfig, check_code_length
 from medhash.services.data.images import MAX_PIXELS, decode_image
-from medhash.services.errors import ConfigError, DataError
+from medhash.services.errors import DataError
 from medhash.services.methods import load_trained
 from medhash.services.run_dir import RunDir
 

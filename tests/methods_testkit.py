@@ -1,15 +1,31 @@
-"""Shared by the method tests: clustered synthetic features, an in-process training loop, hashed MAP."""
+"""Shared by the method tests: clustered synthetic features, an in-process training loop, hashed MAP,
+and every registered method trained once on them (:func:`trained`)."""
 from __future__ import annotations
+
+from functools import cache
 
 import numpy as np
 import torch
 
 from medhash.services.config import MedhashConfig, load_config
 from medhash.services.evaluation.protocols import evaluate
-from medhash.services.methods.base import FIT, Batch
+from medhash.services.methods import build_model
+from medhash.services.methods.base import FIT, Batch, HashModel
 
 IMAGE_DIM, TEXT_DIM, CLASSES = 32, 16, 4
 QUERIES = 40
+# Every registered method's test settings: towers small enough for one core, 20 epochs of its main stage.
+TEST_PARAMS = {
+    "lsch": {"llm.name": "tiny-random", "method_params.lsch": {
+        "align_epochs": 3, "rbm_epochs": 1, "n_virtual_tokens": 4, "m_img_tokens": 2, "m_txt_tokens": 2}},
+    "msach": {},
+    "dcmh": {"method_params.dcmh": {"image_hidden": 256, "text_hidden": 256}},
+    "dchmt": {"method_params.dchmt": {"d_model": 64, "ff_dim": 128, "layers": 1}},
+    "dhaph": {"method_params.dhaph": {"hidden": 128, "embed_dim": 64, "proxies": 32}},
+    "ucch": {"method_params.ucch": {"hidden": 256}},
+    "cca-itq": {},
+    "float-dual": {},
+}
 
 
 def synthetic(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,10 +39,28 @@ def synthetic(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def config(method: str, epochs: int = 20, bits=(16, 32), **params) -> MedhashConfig:
+    """The test configuration of ``method`` with ``params`` (its ``method_params``) over the defaults."""
     return load_config(None, {
         "method": method, "method_params": {method: params},
         "codes.bits": bits, "train.epochs": epochs, "train.batch_size": 32, "train.lr": 1e-3,
     })
+
+
+@cache
+def trained(method: str) -> tuple[HashModel, MedhashConfig, list[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(model, config, history, (z, t, labels)): ``method`` with its TEST_PARAMS trained once per test session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        z, t, labels = synthetic()
+        overrides = {"method": method, "codes.bits": (16, 32), "train.epochs": 20, "train.batch_size": 32,
+                     "train.lr": 1e-3, **TEST_PARAMS[method]}
+        cfg = load_config(None, overrides)
+        model = build_model(cfg, IMAGE_DIM, TEXT_DIM, CLASSES)
+        return model, cfg, train_in_process(model, cfg, z, t, labels), (z, t, labels)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train_in_process(model, cfg: MedhashConfig, z, t, labels, seed: int = 0) -> list[dict]:

@@ -35,3 +35,20 @@ def test_a_wrong_config_value_names_the_field(tmp_path):
     )
     assert out.returncode == 2
     assert "train.batch_size" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_command_line_overrides_are_validated_like_the_file(tmp_path):
+    def medhash(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "medhash.services.cli", *args], capture_output=True, text=True)
+
+    cases = [
+        (("serve", "--run", str(tmp_path), "--port", "99999"), "serve.port"),
+        (("train", "--out", str(tmp_path / "run"), "--bits", "12"), "codes.bits"),
+        (("train", "--out", str(tmp_path / "run"), "--set", "method_params.lsch.alpha=-1"), "method_params.lsch.alpha"),
+        (("train", "--out", str(tmp_path / "run"), "--set", "train.no_such_field=1"), "train.no_such_field"),
+        (("train", "--out", str(tmp_path / "run"), "--method", "nope"), "unknown method 'nope'"),
+        (("ui", "--port", "0"), "port"),
+    ]
+    for args, field in cases:
+        out = medhash(*args)
+        assert out.returncode == 2 and field in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

@@ -1,4 +1,4 @@
-"""DHaPH: retrieval on synthetic clusters, the self-paced loss and schedule, the Poincare-ball geometry."""
+"""DHaPH: the self-paced loss and schedule, the Poincare-ball geometry (retrieval: test_methods.py)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, hashed_map, random_map, synthetic, train_in_process
+import methods_testkit as kit
+from methods_testkit import CLASSES, config
 from medhash.services.errors import ConfigError
 from medhash.services.methods.base import Batch
 from medhash.services.methods.dhaph import DHaPH, ball_distance, reciprocal_triplets, self_paced_loss, to_ball
@@ -16,21 +17,7 @@ SMALL = dict(hidden=128, embed_dim=64, proxies=32)
 
 @pytest.fixture(scope="module")
 def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    z, t, labels = synthetic()
-    cfg = config("dhaph", epochs=20, **SMALL)
-    model = DHaPH(cfg, IMAGE_DIM, TEXT_DIM, CLASSES)
-    history = train_in_process(model, cfg, z, t, labels)
-    yield model, cfg, history, (z, t, labels)
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("bits", [16, 32])
-def test_beats_random_codes(trained, bits):
-    model, _, _, (z, t, labels) = trained
-    assert hashed_map(model, z, t, labels, bits) > random_map(labels, bits) + 0.15
+    return kit.trained("dhaph")
 
 
 def test_schedule_ramps_delta_over_a_third_of_the_epochs(trained):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, hashed_map, random_map, synthetic, train_in_process
+import methods_testkit as kit
+from methods_testkit import CLASSES, IMAGE_DIM, TEXT_DIM, config, synthetic, train_in_process
 from medhash.services.errors import ConfigError
 from medhash.services.methods.base import Batch
 from medhash.services.methods.msach import MSACH
@@ -24,21 +25,7 @@ def unchanged(before: list[torch.Tensor], params) -> bool:
 
 @pytest.fixture(scope="module")
 def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    z, t, labels = synthetic()
-    cfg = config("msach", epochs=20)
-    model = MSACH(cfg, IMAGE_DIM, TEXT_DIM, CLASSES)
-    history = train_in_process(model, cfg, z, t, labels)
-    yield model, cfg, history, (z, t, labels)
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("bits", [16, 32])
-def test_beats_random_codes(trained, bits):
-    model, _, _, (z, t, labels) = trained
-    assert hashed_map(model, z, t, labels, bits) > random_map(labels, bits) + 0.15
+    return kit.trained("msach")
 
 
 def test_schedule_is_features_then_hash(trained):

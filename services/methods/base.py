@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from medhash.services.config import MedhashConfig, Section, check_code_length
-from medhash.services.errors import ConfigError, WeightsError
+from medhash.services.errors import WeightsError
 
 FIT = "fit"  # the stage of closed-form methods
 

@@ -46,6 +46,8 @@ from torch import Tensor, nn
 
 from medhash.services.config import MedhashConfig, Section
 from medhash.services.errors import ConfigError
+from medhash.services.methods.base import Batch, HashModel
+from medhash.services.methods.layers import TokenProjection
 from medhash.services.methods.losses import (
     balance_loss,
     classification_loss,
@@ -55,8 +57,6 @@ from medhash.services.methods.losses import (
     pair_features,
     quantization_loss,
 )
-from medhash.services.methods.layers import TokenProjection
-from medhash.services.methods.base import Batch, HashModel
 
 FEATURES, HASH = "features", "hash"
 
