@@ -5,13 +5,20 @@ item's metadata; the primary key is ``"<modality>:<id>"``, so re-upserting an it
 A ``.db`` path opens a milvus-lite file (exact ``BIN_FLAT`` scan; one process per file); an
 ``http(s)://`` or ``tcp://`` URI opens a Milvus server (``BIN_IVF_FLAT``; replicas scale out).
 
+Writing one item is all-or-nothing across code lengths (:meth:`CodeIndex.upsert_item`): the item's
+records are journalled to a file before the first upsert and the file is removed after the last, so
+an item a crash left half-written is written again when the index next opens.
+
 Ties: Milvus orders equal Hamming distances by no documented rule (milvus-lite was seen to return
 them in insertion order), and when several items tie at the k-th distance, which of them make the
 top k is Milvus's choice. :meth:`CodeIndex.search` sorts the hits it gets by (distance, id, modality).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +36,9 @@ _MAX_BYTES = {"pk": 520, "id": 512, "modality": 8, "patient_id": 256, "study_id"
               "view": 64, "snippet": 2048, "image_ref": 2048}  # VARCHAR max_length of each field
 _OUTPUT_FIELDS = ["id", "modality", "patient_id", "study_id", "labels", "view", "snippet", "image_ref"]
 _UPSERT_BATCH = 10_000  # rows per Milvus call
+MAX_FILTER_LABELS = 16  # labels one search may require (Milvus fails on long filter expressions)
+MAX_FILTER_CHARS = 256  # characters of one label or view filter
+ITEM_ID = re.compile(r"[^\s/\\][^/\\\x00-\x1f\x7f]{0,255}")  # no slashes or control characters: ids are URL path segments
 _DELETE_BATCH = 1_000  # primary keys per delete expression
 
 
@@ -67,6 +77,24 @@ def resolve_uri(cfg: IndexConfig) -> str:
     return cfg.uri or str(cache_root() / "index" / "medhash.db")
 
 
+def check_item_id(item_id: str) -> str:
+    """``item_id`` when it can be stored and fetched again by every route, else DataError."""
+    if not ITEM_ID.fullmatch(item_id) or item_id in (".", "..") or item_id != item_id.strip():
+        raise DataError(f"item id {item_id[:80]!r} is not usable: 1-256 characters, no slashes, control "
+                        f"characters or surrounding spaces")
+    return item_id
+
+
+def check_filters(labels: Sequence[str], view: str | None) -> None:
+    """DataError unless the label and view filters are few, short and matchable."""
+    if len(labels) > MAX_FILTER_LABELS:
+        raise DataError(f"{len(labels):,} label filters; at most {MAX_FILTER_LABELS} per search")
+    for value in (*labels, *([view] if view else [])):
+        if not isinstance(value, str) or len(value) > MAX_FILTER_CHARS or not _is_filter_value(value):
+            raise DataError(f"filter value {str(value)[:80]!r} is empty, longer than {MAX_FILTER_CHARS} characters, "
+                            f"or contains '|' or control characters")
+
+
 def open_index(cfg: IndexConfig, bits: Iterable[int], token: str | None = None) -> CodeIndex:
     """A :class:`CodeIndex` as the ``index`` section describes it (token: argument, else ``cfg.token_env``)."""
     return CodeIndex(resolve_uri(cfg), bits, prefix=cfg.collection_prefix,
@@ -89,6 +117,8 @@ class CodeIndex:
         self._client = _connect(uri, token)
         for b in self._bits:
             self._ensure_collection(b, ivf_nlist)
+        self._journal = _journal_dir(uri, prefix)
+        self._replay_journal()
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -107,6 +137,38 @@ class CodeIndex:
         for start in range(0, len(rows), _UPSERT_BATCH):
             self._client.upsert(name, rows[start : start + _UPSERT_BATCH])
         return len(rows)
+
+    def upsert_item(self, records: dict[int, Sequence[IndexRecord]]) -> None:
+        """Write one item's records at every code length (``{bits: records}``), all or nothing.
+
+        Every record is checked before anything is written; a crash part-way is repaired when the
+        index next opens (see the module docstring).
+        """
+        if set(records) != set(self._bits):
+            raise DataError(f"an item needs records at every code length {list(self._bits)}, got {sorted(records)}")
+        for bits, rows in records.items():
+            for record in rows:
+                _row(record, bits)
+        ids = {record.id for rows in records.values() for record in rows}
+        if len(ids) != 1:
+            raise DataError(f"upsert_item writes one item, got ids {sorted(ids)[:5]}")
+        self._journal.mkdir(parents=True, exist_ok=True)
+        entry = self._journal / f"{hashlib.sha1(ids.pop().encode()).hexdigest()}.pkl"
+        partial = entry.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps({bits: list(rows) for bits, rows in records.items()}))
+        os.replace(partial, entry)
+        self._write_entry(entry)
+
+    def _write_entry(self, entry: Path) -> None:
+        for bits, rows in pickle.loads(entry.read_bytes()).items():
+            self.upsert(bits, rows)
+        entry.unlink()
+
+    def _replay_journal(self) -> None:
+        """Finish every item a crash left half-written (journal entries not yet removed)."""
+        if self._journal.is_dir():
+            for entry in sorted(self._journal.glob("*.pkl")):
+                self._write_entry(entry)
 
     def delete(self, item_ids: Sequence[str]) -> None:
         """Remove both modalities' records of ``item_ids`` from every collection (unknown ids are ignored)."""
@@ -135,9 +197,7 @@ class CodeIndex:
             raise DataError(f"k must be between 1 and {MAX_TOP_K}, got {k}")
         if modality is not None and modality not in MODALITIES:
             raise DataError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-        for value in (*labels, *([view] if view else [])):
-            if not _is_filter_value(value):
-                raise DataError(f"filter value {value!r} is empty or contains '|' or control characters")
+        check_filters(labels, view)
         if len(codes) == 0:
             return []
         clauses = [f"modality == {_literal(modality)}"] if modality else []
@@ -197,6 +257,13 @@ class CodeIndex:
         self._client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
 
 
+def _journal_dir(uri: str, prefix: str) -> Path:
+    """Where half-written items are journalled: beside a milvus-lite file, in the cache for a server."""
+    if uri.startswith(_SERVER_SCHEMES):
+        return cache_root() / "index" / "journal" / f"{hashlib.sha1(uri.encode()).hexdigest()[:12]}-{prefix}"
+    return Path(uri).expanduser().resolve().with_name(f"{Path(uri).name}.{prefix}.journal")
+
+
 def _connect(uri: str, token: str | None):
     """A MilvusClient for ``uri``; a milvus-lite file gets its folder created."""
     from pymilvus import MilvusClient
@@ -223,8 +290,7 @@ def _connect(uri: str, token: str | None):
 def _row(record: IndexRecord, bits: int) -> dict:
     """The Milvus row of a record, or DataError naming the record and its problem."""
     where = f"index record {record.modality}:{record.id}"
-    if not record.id:
-        raise DataError(f"{where}: empty item id")
+    check_item_id(record.id)
     if record.modality not in MODALITIES:
         raise DataError(f"{where}: modality must be one of {', '.join(MODALITIES)}")
     if not isinstance(record.code, bytes) or len(record.code) != bits // 8:

@@ -182,3 +182,65 @@ def test_open_index_follows_the_config_section(tmp_path, monkeypatch):
         assert index.count(16) == 1 and index._client.list_collections() == ["other_16"]
     finally:
         index.close()
+
+
+def test_filters_beyond_the_limits_are_refused_before_milvus_sees_them(filled):
+    index, _, _ = filled
+    query = np.zeros((1, 8), dtype=np.uint8)
+    with pytest.raises(DataError, match="40,000 label filters; at most 16"):
+        index.search(64, query, 5, labels=[f"topic:{i}" for i in range(40_000)])
+    with pytest.raises(DataError, match="longer than 256"):
+        index.search(64, query, 5, view="x" * 257)
+    labels = [f"topic:{i}" for i in range(16)]  # at the limit: a valid (empty) answer
+    assert index.search(64, query, 5, labels=labels) == [[]]
+    assert len(index.search(64, query, 5)[0]) == 5  # and the index still answers
+
+
+@pytest.mark.parametrize("item_id", ["a/b", "..", " padded", "tab\there", "x" * 257, ""])
+def test_ids_that_no_route_could_fetch_are_refused(filled, item_id):
+    index, _, _ = filled
+    with pytest.raises(DataError, match="not usable"):
+        index.upsert(64, [IndexRecord(item_id, "image", bytes(8))])
+
+
+def one_item(item_id: str, bits=BITS, **fields) -> dict[int, list[IndexRecord]]:
+    return {b: [IndexRecord(item_id, m, bytes(b // 8), **fields) for m in ("image", "text")] for b in bits}
+
+
+def test_upsert_item_is_all_or_nothing_across_code_lengths(tmp_path):
+    index = CodeIndex(str(tmp_path / "a.db"), BITS)
+    index.upsert_item(one_item("case1", view="AP"))
+    assert all(index.count(b) == 2 for b in BITS)
+    bad = one_item("case1", view="PA")
+    bad[128][1] = IndexRecord("case1", "text", bytes(3))  # one wrong record at the last code length
+    with pytest.raises(DataError, match="128-bit code"):
+        index.upsert_item(bad)
+    assert {h.view for h in index.get("case1")} == {"AP"}  # nothing changed at any code length
+    with pytest.raises(DataError, match="every code length"):
+        index.upsert_item({64: one_item("case2")[64]})
+    assert index.get("case2") == []
+    index.close()
+
+
+def test_an_item_half_written_by_a_crash_is_completed_when_the_index_reopens(tmp_path):
+    """A process killed between code lengths: the next open finishes the item from its journal."""
+    path = tmp_path / "crash.db"
+    script = f"""
+import os
+from medhash.services.index import CodeIndex, IndexRecord
+index = CodeIndex({str(path)!r}, {BITS!r})
+written = []
+def upsert(bits, records, _upsert=index.upsert):
+    if written:
+        os._exit(9)  # killed after the first code length
+    written.append(bits)
+    return _upsert(bits, records)
+index.upsert = upsert
+index.upsert_item({{b: [IndexRecord("case9", "image", bytes(b // 8), view="AP")] for b in {BITS!r}}})
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    index = CodeIndex(str(path), BITS)
+    assert [index.count(b) for b in BITS] == [1, 1, 1]
+    assert index.get("case9")[0].view == "AP"
+    assert not list(index._journal.glob("*"))  # the journal entry is gone once written
+    index.close()
