@@ -42,14 +42,16 @@ def test_codes_survive_a_run_directory(method, tmp_path):
     run = RunDir(tmp_path / "run")
     run.write(cfg, model.state_dict_trainable(), [f"class:{i}" for i in range(kit.CLASSES)], history, meta)
     loaded_cfg, loaded = load_trained(run)
+    _, hashing_only = load_trained(run, frozen_weights=False)  # what the Hasher deployment loads
     assert loaded_cfg == cfg
     with torch.no_grad():
         for bits in model.bits:
             for embed in ("embed_image", "embed_text"):
                 rows = z if embed == "embed_image" else t
-                before = model.codes(getattr(model.eval(), embed)(rows), bits)
-                after = loaded.codes(getattr(loaded, embed)(rows), bits)
-                assert torch.equal(before, after), (bits, embed)
+                v = getattr(model.eval(), embed)(rows)
+                before = model.codes(v, bits)
+                assert torch.equal(before, loaded.codes(getattr(loaded, embed)(rows), bits)), (bits, embed)
+                assert torch.equal(before, hashing_only.codes(v, bits)), (bits, embed)
 
 
 @pytest.mark.parametrize("method", METHODS)

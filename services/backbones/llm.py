@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     Gemma3ForCausalLM,
@@ -30,13 +31,21 @@ TINY_RANDOM_LLM = "tiny-random"  # llm.name for fast tests: a tiny random Gemma3
 _INSTALL_LLM = "pip install 'medhash[llm]'"
 
 
-def load_causal_lm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """The LM named by ``cfg`` in fp32 eval mode with its tokenizer, cut to ``cfg.num_layers``."""
+def load_causal_lm(cfg: LLMConfig, weights: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The LM named by ``cfg`` in fp32 eval mode with its tokenizer, cut to ``cfg.num_layers``.
+
+    ``weights=False`` builds the same architecture on the meta device, reading no weights: for a
+    process that only needs the shapes (the hashing heads of a model that embeds through the LM).
+    """
     if cfg.name == TINY_RANDOM_LLM:
         return tiny_causal_lm(num_layers=cfg.num_layers or 2)
     source = converted_gemma_dir() if cfg.name == OFFLINE_GEMMA else cfg.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)), dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
         raise WeightsError(

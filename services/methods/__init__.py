@@ -18,7 +18,7 @@ from medhash.services.run_dir import RunDir
 
 def build_model(cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int) -> HashModel:
     """The untrained model of ``cfg.method`` (LSCH with its frozen LLM loaded)."""
-    return method_class(cfg.method)(cfg, image_dim, text_dim, n_labels)
+    return method_class(cfg.method).build(cfg, image_dim, text_dim, n_labels)
 
 
 def schedule(cfg: MedhashConfig) -> list[str]:
@@ -26,11 +26,15 @@ def schedule(cfg: MedhashConfig) -> list[str]:
     return method_class(cfg.method).schedule(cfg)
 
 
-def load_trained(run: RunDir) -> tuple[MedhashConfig, HashModel]:
-    """The configuration and the trained model (eval mode) of a finished run directory."""
+def load_trained(run: RunDir, frozen_weights: bool = True) -> tuple[MedhashConfig, HashModel]:
+    """The configuration and the trained model (eval mode) of a finished run directory.
+
+    ``frozen_weights=False``: without the frozen pretrained weights (e.g. LSCH's LLM), a model that
+    can hash embeddings (``codes``) but not embed features.
+    """
     cfg, meta = run.config(), run.meta()
-    model = build_model(cfg, meta["image_dim"], meta["text_dim"], len(run.label_names()))
-    model.load_state_dict_trainable(run.weights())
+    model = method_class(cfg.method).build(cfg, meta["image_dim"], meta["text_dim"], len(run.label_names()), frozen_weights)
+    model.load_state_dict_trainable(run.weights(), assign=True)
     return cfg, model.eval()
 
 

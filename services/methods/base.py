@@ -56,6 +56,13 @@ class HashModel(nn.Module):
         self.params = self.params_of(cfg)
 
     @classmethod
+    def build(cls, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int = 0,
+              frozen_weights: bool = True) -> HashModel:
+        """The untrained model; ``frozen_weights=False`` skips reading frozen pretrained weights
+        (``frozen_prefixes``), for a process that only hashes embeddings. Methods with such weights override it."""
+        return cls(cfg, image_dim, text_dim, n_labels)
+
+    @classmethod
     def params_of(cls, cfg: MedhashConfig) -> Section:
         """This method's hyper-parameters: ``cfg.method_params[<name>]`` over the paper defaults."""
         return cls.Params.model_validate(cfg.method_params.get(cls.name, {}))
@@ -113,8 +120,11 @@ class HashModel(nn.Module):
             if name in trainable or not name.startswith(self.frozen_prefixes)
         }
 
-    def load_state_dict_trainable(self, state: dict[str, Tensor]) -> None:
-        """Load what :meth:`state_dict_trainable` saved; refuse missing, extra or reshaped tensors."""
+    def load_state_dict_trainable(self, state: dict[str, Tensor], assign: bool = False) -> None:
+        """Load what :meth:`state_dict_trainable` saved; refuse missing, extra or reshaped tensors.
+
+        ``assign`` takes the saved tensors themselves (their device; also into a model built without weights).
+        """
         expected = self.state_dict_trainable()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -124,4 +134,4 @@ class HashModel(nn.Module):
                 f"{type(self).__name__} weights do not match this configuration: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {reshaped[:5]}"
             )
-        self.load_state_dict(state, strict=False)
+        self.load_state_dict(state, strict=False, assign=assign)

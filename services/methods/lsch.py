@@ -166,6 +166,15 @@ class LSCH(HashModel):
             {str(b): nn.Linear(b, n_labels) for b in self.bits} if p.classification_weight > 0 and n_labels else {}
         )
 
+    @classmethod
+    def build(cls, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int = 0,
+              frozen_weights: bool = True) -> LSCH:
+        """LSCH with its frozen LLM; without ``frozen_weights`` the LLM has its shapes but no weights."""
+        if not frozen_weights and cls.params_of(cfg).use_llm:
+            llm, tokenizer = load_causal_lm(cfg.llm, weights=False)
+            return cls(cfg, image_dim, text_dim, n_labels, llm=llm, tokenizer=tokenizer)
+        return cls(cfg, image_dim, text_dim, n_labels)
+
     def _pool(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
         if self.prompted is not None:
             return self.prompted(tokens, modality)
