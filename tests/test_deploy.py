@@ -369,3 +369,66 @@ def test_docs_describe_the_kit():
     for name in ("serve.yaml", "kuberay-rayservice.yaml", "kuberay-rayjob.yaml", "milvus-compose.yml",
                  "prometheus.yml", "grafana-dashboard.json"):
         assert name in text, f"docs/deploy.md does not mention {name}"
+
+
+@pytest.mark.parametrize("name,kind", [("kuberay-rayservice.yaml", "RayService"), ("kuberay-rayjob.yaml", "RayJob")])
+def test_ray_ports_other_than_the_api_and_metrics_are_closed_to_other_pods(name, kind):
+    """A NetworkPolicy selects every pod of the cluster; only 8000 (API) and 8080 (metrics) are open to all."""
+    docs = _documents(DEPLOY / name)
+    spec = _one(DEPLOY / name, kind)["spec"]
+    cluster = spec.get("rayClusterConfig") or spec["rayClusterSpec"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
+    for template in templates:
+        assert selector.items() <= template["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    open_to_all, restricted = set(), set()
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])} or {"every"}
+        (open_to_all if "from" not in rule else restricted).update(ports)
+    assert open_to_all <= {8000, 8080} and 8265 not in open_to_all and "every" not in open_to_all
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule.get("from", []):
+            assert peer["podSelector"]["matchLabels"] in (selector, {"app.kubernetes.io/name": "kuberay-operator"})
+    if kind == "RayJob":
+        assert spec["submissionMode"] == "HTTPMode"
+
+
+def test_the_shipped_serve_yaml_without_a_token_is_refused(tmp_path):
+    """`serve run deploy/serve.yaml` as docs/deploy.md says, with no token and with a blank one: the
+    application is refused when it is built (Serve reports DEPLOY_FAILED), so nothing answers on port 8000."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import requests
+
+    serve_cli = Path(sys.executable).with_name("serve")
+    for token in (None, "   "):
+        env = {k: v for k, v in os.environ.items() if k not in ("MEDHASH_API_TOKEN", "RAY_ADDRESS")}
+        if token is not None:
+            env["MEDHASH_API_TOKEN"] = token
+        log = tmp_path / f"serve-run-{token is None}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen([str(serve_cli), "run", str(DEPLOY / "serve.yaml")], env=env, cwd=tmp_path,
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while "MEDHASH_API_TOKEN is empty or blank" not in log.read_text(errors="replace"):
+                assert process.poll() is None or process.returncode != 0, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(1)
+            try:
+                answer = requests.post("http://127.0.0.1:8000/search/text", json={"text": "chest"}, timeout=10)
+                assert answer.status_code != 200
+            except requests.ConnectionError:
+                pass
+        finally:
+            os.killpg(process.pid, signal.SIGINT)  # serve run shuts its local Ray down on Ctrl-C
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
