@@ -120,6 +120,11 @@ class CodeIndex:
         self._journal = _journal_dir(uri, prefix)
         self._replay_journal()
 
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """The code lengths this index holds."""
+        return self._bits
+
     # -- writing -------------------------------------------------------------------------------
 
     def upsert(self, bits: int, records: Sequence[IndexRecord]) -> int:

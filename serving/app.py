@@ -2,10 +2,14 @@
 
 (No `from __future__ import annotations` here: Serve rebuilds the route signatures and needs real types.)
 
-    Ingress (FastAPI)  --->  ImageEncoder   image bytes -> v^x   (@serve.batch, autoscaled)
-                       --->  TextEncoder   text -> v^y          (@serve.batch, autoscaled)
-                       --->  Hasher        v -> packed codes    (autoscaled)
+    Ingress (FastAPI)  --->  ImageEncoder  image bytes -> v^x --->  Hasher  v -> packed codes, every length
+                       --->  TextEncoder   text -> v^y        --->  Hasher       (@serve.batch, autoscaled)
                        --->  Index         Milvus search / upsert (1 replica on a milvus-lite file)
+
+A search crosses the ingress twice: the query to an encoder (which hands its batch to the Hasher and
+returns codes) and the codes to the Index. Each deployment loads only what it uses: an encoder its
+backbone and the method's branch (on the GPU it was given, if any), the Hasher the hashing heads
+without the frozen LLM. Inputs are validated once, at the ingress and the encoders, per request.
 
 Routes: ``POST /search/image`` (multipart), ``POST /search/text`` (JSON), ``POST /ingest``,
 ``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``GET /healthz``, ``GET /metrics``, docs at ``/docs``.
@@ -42,6 +46,8 @@ from medhash.services.errors import ConfigError, DataError
 from medhash.services.run_dir import RunDir
 
 LOCALHOSTS = {"127.0.0.1", "localhost", "::1"}
+READY_TIMEOUT_S = 5.0  # /healthz waits this long for the encoders and the index to answer
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")  # kept on a stored upload
 OPEN_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 DIRECTIONS = {"reports": "text", "images": "image", "both": None}  # direction -> modality searched
 Direction = Literal["reports", "images", "both"]
@@ -53,67 +59,95 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _load_model(run_path: str):
-    from medhash.services.methods import load_trained
+def _device() -> str:
+    """The replica's torch device: the GPU Ray gave it, else the CPU."""
+    import ray
+    import torch
 
-    return load_trained(RunDir(run_path))
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+class _BatchedEncoder:
+    """One query (checked per request) -> (its packed codes at every length, the batch it was encoded in).
+
+    Requests are embedded in dynamic batches; each batch is hashed by one Hasher call. The replica
+    encodes one example in its constructor, so it answers at full speed once Serve routes to it.
+    """
+
+    def __init__(self, hasher: DeploymentHandle, batch_size: int, batch_wait_s: float, example):
+        self.hasher = hasher
+        self.embed.set_max_batch_size(batch_size)
+        self.embed.set_batch_wait_timeout_s(batch_wait_s)
+        self.embedder.embed([self.check(example)])  # warm-up: weights paged in, kernels chosen
+
+    def check(self, query):
+        raise NotImplementedError
+
+    async def __call__(self, query) -> tuple[dict[int, bytes], int]:
+        return await self.embed(self.check(query))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def embed(self, checked: list) -> list[tuple[dict[int, bytes], int]]:
+        codes = await self.hasher.remote(self.embedder.embed(checked))
+        return [({bits: rows[i].tobytes() for bits, rows in codes.items()}, len(checked)) for i in range(len(checked))]
+
+    def ready(self) -> bool:
+        return True
+
+
+def _example_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @serve.deployment(name="ImageEncoder")
-class ImageEncoder:
-    """Image bytes -> (v^x, size of the batch it was encoded in); images decode per request, embed in batches."""
+class ImageEncoder(_BatchedEncoder):
+    """Image bytes and file name -> codes; images decode per request, embed in batches."""
 
-    def __init__(self, run_path: str, cfg: ServeConfig):
+    def __init__(self, run_path: str, cfg: ServeConfig, hasher: DeploymentHandle):
         from medhash.serving.pipeline import ImageEmbedder
+        from medhash.services.methods import load_trained
 
         _set_threads(cfg.torch_threads)
-        self.embedder = ImageEmbedder(*_load_model(run_path), max_pixels=cfg.max_image_pixels)
-        self.embed.set_max_batch_size(cfg.image_batch_size)
-        self.embed.set_batch_wait_timeout_s(cfg.image_batch_wait_s)
+        self.embedder = ImageEmbedder(*load_trained(RunDir(run_path)), max_pixels=cfg.max_image_pixels, device=_device())
+        super().__init__(hasher, cfg.image_batch_size, cfg.image_batch_wait_s, (_example_png(), "warm-up.png"))
 
-    async def __call__(self, data: bytes, name: str) -> tuple[np.ndarray, int]:
-        return await self.embed(self.embedder.preprocess(data, name))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def embed(self, pixels: list) -> list[tuple[np.ndarray, int]]:
-        return [(row, len(pixels)) for row in self.embedder.embed(pixels)]
+    def check(self, query: tuple[bytes, str]):
+        return self.embedder.preprocess(*query)
 
 
 @serve.deployment(name="TextEncoder")
-class TextEncoder:
-    """Report text -> (v^y, size of the batch it was encoded in), embedded in dynamic batches."""
+class TextEncoder(_BatchedEncoder):
+    """Report text -> codes; each text checked on its own, embedded in dynamic batches."""
 
-    def __init__(self, run_path: str, cfg: ServeConfig):
+    def __init__(self, run_path: str, cfg: ServeConfig, hasher: DeploymentHandle):
         from medhash.serving.pipeline import TextEmbedder
+        from medhash.services.methods import load_trained
 
         _set_threads(cfg.torch_threads)
-        self.embedder = TextEmbedder(*_load_model(run_path), max_chars=cfg.max_text_chars)
-        self.embed.set_max_batch_size(cfg.text_batch_size)
-        self.embed.set_batch_wait_timeout_s(cfg.text_batch_wait_s)
+        self.embedder = TextEmbedder(*load_trained(RunDir(run_path)), max_chars=cfg.max_text_chars, device=_device())
+        super().__init__(hasher, cfg.text_batch_size, cfg.text_batch_wait_s, "warm-up report")
 
-    async def __call__(self, text: str) -> tuple[np.ndarray, int]:
-        return await self.embed(self.embedder.check(text))
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-        return [(row, len(texts)) for row in self.embedder.embed(texts)]
+    def check(self, query: str) -> str:
+        return self.embedder.check(query)
 
 
 @serve.deployment(name="Hasher")
 class HasherDeployment:
-    """v -> packed codes through the run's GBRBM heads."""
+    """v [B, d] -> packed codes at every code length, through the run's hashing heads (no frozen LLM)."""
 
     def __init__(self, run_path: str, cfg: ServeConfig):
         from medhash.serving.pipeline import Hasher
+        from medhash.services.methods import load_trained
 
         _set_threads(cfg.torch_threads)
-        self.hasher = Hasher(_load_model(run_path)[1])
+        self.hasher = Hasher(load_trained(RunDir(run_path), frozen_weights=False)[1])
 
-    def __call__(self, v: np.ndarray, bits: int) -> np.ndarray:
-        return self.hasher(v, bits)
-
-    def all_bits(self, v: np.ndarray) -> dict[int, np.ndarray]:
-        return {bits: self.hasher(v, bits) for bits in self.hasher.bits}
+    def __call__(self, v: np.ndarray) -> dict[int, np.ndarray]:
+        return self.hasher.all_bits(v)
 
 
 @serve.deployment(name="Index")
@@ -128,14 +162,18 @@ class IndexDeployment:
     def search(self, bits: int, codes: np.ndarray, k: int, modality: str | None, labels: tuple[str, ...], view: str | None):
         return self.index.search(bits, codes, k, modality=modality, labels=labels, view=view)
 
-    def upsert(self, bits: int, records: list) -> int:
-        return self.index.upsert(bits, records)
+    def upsert_item(self, records: dict[int, list]) -> None:
+        self.index.upsert_item(records)
 
     def get(self, item_id: str):
         return self.index.get(item_id)
 
     def count(self, bits: int) -> int:
         return self.index.count(bits)
+
+    def check_health(self) -> None:
+        """Serve restarts this replica when its index stops answering (e.g. the milvus-lite process died)."""
+        self.index.count(self.index.bits[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,16 +266,15 @@ async def _guarded(request: Request, call_next):
     return await call_next(request)
 
 
-def _labels(text: str) -> tuple[str, ...]:
-    return tuple(label.strip() for label in text.split(",") if label.strip())
-
-
 def _hit_json(hit) -> dict:
     record = asdict(hit)
     image_ref = record.pop("image_ref")
     record["labels"] = list(record["labels"])
     record["image_url"] = f"/items/{quote(hit.id, safe='')}/image" if image_ref else None
     return record
+
+
+LabelsForm = Annotated[list[str], Form(description="a label every result must carry (repeat the field for several)")]
 
 
 @serve.deployment(name="Ingress")
@@ -247,44 +284,45 @@ class Ingress:
         self,
         image_encoder: DeploymentHandle,
         text_encoder: DeploymentHandle,
-        hasher: DeploymentHandle,
         index: DeploymentHandle,
         bits: tuple[int, ...],
         label_names: list[str],
         cfg: ServeConfig,
         token: str | None,
     ):
-        self.image_encoder, self.text_encoder, self.hasher, self.index = image_encoder, text_encoder, hasher, index
+        self.image_encoder, self.text_encoder, self.index = image_encoder, text_encoder, index
         self.bits, self.label_names, self.cfg = tuple(sorted(bits)), list(label_names), cfg
         self.image_store = Path(cfg.image_store or cache_root() / "serve-images")
         api.state.guard = Guard(token, cfg.max_request_bytes)
 
-    def _check(self, k: int, bits: int | None) -> int:
+    def _check(self, k: int, bits: int | None, labels: list[str], view: str | None) -> int:
+        """The code length to search; DataError / ConfigError for out-of-range options (before any work)."""
+        from medhash.services.index import check_filters
+
         if k > self.cfg.max_k:
             raise DataError(f"k={k} is more than the limit of {self.cfg.max_k}")
+        check_filters(labels, view or None)
         if bits is None:
             return self.bits[-1]
         return check_code_length(bits, self.bits)
 
-    async def _search(self, v: np.ndarray, bits: int, k: int, direction: str, labels, view) -> dict:
-        with prometheus.stage("hash"):
-            codes = await self.hasher.remote(v[None, :], bits)
+    async def _search(self, codes: dict[int, bytes], bits: int, k: int, direction: str, labels, view) -> dict:
+        query = np.frombuffer(codes[bits], dtype=np.uint8)[None, :]
         with prometheus.stage("search"):
-            hits = await self.index.search.remote(bits, codes, k, DIRECTIONS[direction], tuple(labels), view or None)
+            hits = await self.index.search.remote(bits, query, k, DIRECTIONS[direction], tuple(labels), view or None)
         return {"bits": bits, "direction": direction, "results": [_hit_json(h) for h in hits[0]]}
 
-    async def _encode_image(self, upload: UploadFile) -> np.ndarray:
-        data = await upload.read()
+    async def _encode_image(self, data: bytes, name: str) -> dict[int, bytes]:
         with prometheus.stage("encode_image"):
-            v, batch = await self.image_encoder.remote(data, upload.filename or "upload")
+            codes, batch = await self.image_encoder.remote((data, name))
         prometheus.BATCH_SIZE.labels("image").observe(batch)
-        return v
+        return codes
 
-    async def _encode_text(self, text: str) -> np.ndarray:
+    async def _encode_text(self, text: str) -> dict[int, bytes]:
         with prometheus.stage("encode_text"):
-            v, batch = await self.text_encoder.remote(text)
+            codes, batch = await self.text_encoder.remote(text)
         prometheus.BATCH_SIZE.labels("text").observe(batch)
-        return v
+        return codes
 
     @api.post("/search/image", summary="Search with an uploaded image (PNG, JPEG or DICOM)")
     async def search_image(
@@ -293,16 +331,18 @@ class Ingress:
         k: Annotated[int, Form(ge=1)] = 10,
         direction: Annotated[Direction, Form()] = "reports",
         bits: Annotated[int | None, Form()] = None,
-        labels: Annotated[str, Form(description="comma-separated labels every result must carry")] = "",
+        labels: LabelsForm = [],
         view: Annotated[str | None, Form()] = None,
     ) -> dict:
-        bits = self._check(k, bits)
-        return await self._search(await self._encode_image(file), bits, k, direction, _labels(labels), view)
+        bits = self._check(k, bits, labels, view)
+        codes = await self._encode_image(await file.read(), file.filename or "upload")
+        return await self._search(codes, bits, k, direction, labels, view)
 
     @api.post("/search/text", summary="Search with report text")
     async def search_text(self, query: TextSearch) -> dict:
-        bits = self._check(query.k, query.bits)
-        return await self._search(await self._encode_text(query.text), bits, query.k, query.direction, query.labels, query.view)
+        bits = self._check(query.k, query.bits, query.labels, query.view)
+        codes = await self._encode_text(query.text)
+        return await self._search(codes, bits, query.k, query.direction, query.labels, query.view)
 
     @api.post("/ingest", summary="Add or replace one item: an image and / or its report")
     async def ingest(
@@ -312,43 +352,60 @@ class Ingress:
         report: Annotated[str | None, Form()] = None,
         patient_id: Annotated[str, Form(max_length=256)] = "",
         study_id: Annotated[str, Form(max_length=256)] = "",
-        labels: Annotated[str, Form()] = "",
+        labels: LabelsForm = [],
         view: Annotated[str, Form(max_length=256)] = "",
     ) -> dict:
-        from medhash.services.index import IndexRecord
+        """All or nothing: every input is encoded (and so validated) and every record checked before
+        anything is stored; a refused request leaves the item as it was."""
+        from medhash.services.index import IndexRecord, check_item_id
 
+        check_item_id(id)
         if image is None and report is None:
             raise DataError("ingest needs an image, a report or both")
-        vectors: dict[str, np.ndarray] = {}  # every input is encoded (and so validated) before anything is stored
-        image_data = b""
+        codes: dict[str, dict[int, bytes]] = {}
+        image_data, image_ref = b"", ""
         if image is not None:
             image_data = await image.read()
-            await image.seek(0)
-            vectors["image"] = await self._encode_image(image)
+            codes["image"] = await self._encode_image(image_data, image.filename or "upload")
+            image_ref = str(self._image_path(id, image_data, image.filename or ""))
         if report is not None:
-            vectors["text"] = await self._encode_text(report)
-        image_ref = self._store_image(id, image_data) if image_data else ""
-        codes = {m: await self.hasher.all_bits.remote(v[None, :]) for m, v in vectors.items()}
-        with prometheus.stage("insert"):
-            for bits in self.bits:
-                records = [
-                    IndexRecord(
-                        id=id, modality=m, code=codes[m][bits][0].tobytes(), patient_id=patient_id, study_id=study_id,
-                        labels=_labels(labels), view=view, snippet=(report or "")[:300], image_ref=image_ref,
-                    )
-                    for m in vectors
-                ]
-                await self.index.upsert.remote(bits, records)
-        return {"id": id, "modalities": sorted(vectors), "bits": list(self.bits)}
+            codes["text"] = await self._encode_text(report)
+        records = {
+            bits: [
+                IndexRecord(id=id, modality=m, code=codes[m][bits], patient_id=patient_id, study_id=study_id,
+                            labels=tuple(labels), view=view, snippet=(report or "")[:300], image_ref=image_ref)
+                for m in codes
+            ]
+            for bits in self.bits
+        }
+        new_file = bool(image_ref) and not Path(image_ref).exists()
+        if image_ref:
+            self._write_image(Path(image_ref), image_data)
+        try:
+            with prometheus.stage("insert"):
+                await self.index.upsert_item.remote(records)
+        except Exception:
+            if new_file:
+                Path(image_ref).unlink(missing_ok=True)
+            raise
+        if image_ref:
+            for old in Path(image_ref).parent.iterdir():  # the item's earlier images
+                if old.name != Path(image_ref).name:
+                    old.unlink(missing_ok=True)
+        return {"id": id, "modalities": sorted(codes), "bits": list(self.bits)}
 
-    def _store_image(self, item_id: str, data: bytes) -> str:
-        """Keep an uploaded image (atomically) under the image store; its path is the record's image_ref."""
-        self.image_store.mkdir(parents=True, exist_ok=True)
-        path = self.image_store / hashlib.sha1(item_id.encode()).hexdigest()
+    def _image_path(self, item_id: str, data: bytes, filename: str) -> Path:
+        """Where an upload is kept: by item and by content, so a new image never overwrites the one in use."""
+        suffix = Path(filename).suffix.lower()
+        name = hashlib.sha256(data).hexdigest() + (suffix if suffix in IMAGE_SUFFIXES else "")
+        return self.image_store / hashlib.sha1(item_id.encode()).hexdigest() / name
+
+    @staticmethod
+    def _write_image(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         partial.write_bytes(data)
         partial.replace(path)
-        return str(path)
 
     async def _records(self, item_id: str) -> list:
         hits = await self.index.get.remote(item_id)
@@ -377,10 +434,16 @@ class Ingress:
         image.save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type="image/png")
 
-    @api.get("/healthz", summary="Liveness and index size")
-    async def healthz(self) -> dict:
-        counts = {str(bits): await self.index.count.remote(bits) for bits in self.bits}
-        return {"status": "ok", "bits": list(self.bits), "records": counts}
+    @api.get("/healthz", summary="Readiness: 200 once the encoders and the index answer, else 503")
+    async def healthz(self) -> Response:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await asyncio.gather(self.image_encoder.ready.remote(), self.text_encoder.ready.remote())
+                counts = {str(bits): await self.index.count.remote(bits) for bits in self.bits}
+        except Exception as exc:
+            status = "starting" if isinstance(exc, TimeoutError) else "unavailable"
+            return JSONResponse({"status": status, "error": "the encoders or the index do not answer yet"}, status_code=503)
+        return JSONResponse({"status": "ok", "bits": list(self.bits), "records": counts})
 
     @api.get("/labels", summary="The label names results can carry and searches can filter on")
     async def labels(self) -> dict:
@@ -422,14 +485,21 @@ def index_settings(index: IndexConfig, milvus_uri: str | None = None) -> IndexCo
     return override(index, {"uri": milvus_uri or resolve_uri(index)})
 
 
-def auth_token(cfg: ServeConfig) -> str | None:
-    """The bearer token the service requires, or None when auth is off; ConfigError if it is on but unset."""
-    required = cfg.require_auth if cfg.require_auth is not None else cfg.host not in LOCALHOSTS
+def auth_token(cfg: ServeConfig, host: str | None) -> str | None:
+    """The bearer token the service requires, or None when auth is off; ConfigError if it is on but unset.
+
+    Auth is on unless ``serve.require_auth`` says otherwise or the app is bound to loopback; ``host``
+    None means the binding is not known here (a Serve config's ``http_options``), so auth is on.
+    """
+    loopback = host is not None and host in LOCALHOSTS
+    required = cfg.require_auth if cfg.require_auth is not None else not loopback
     if not required:
         return None
-    token = os.environ.get(cfg.auth_token_env, "")
+    token = os.environ.get(cfg.auth_token_env, "").strip()
     if not token:
-        raise ConfigError(f"auth is on (host {cfg.host}) but ${cfg.auth_token_env} is empty: set a token there")
+        where = f"host {host}" if host else "the HTTP binding is set by the Serve config"
+        raise ConfigError(f"auth is on ({where}) but ${cfg.auth_token_env} is empty or blank: set a token there "
+                          f"(or serve.require_auth: false behind a gateway that authenticates)")
     return token
 
 
@@ -438,17 +508,20 @@ def build_app(
     milvus_uri: str | None = None,
     settings: ServingConfig | None = None,
     deployment_options: dict[str, dict] | None = None,
+    host: str | None = None,
 ):
-    """The medhash application of a run directory.
+    """The medhash application of a run directory, refused (ConfigError) when auth is on without a token.
 
+    ``host`` is the address the HTTP proxy binds (None: unknown, so auth is on; see :func:`auth_token`);
     ``settings`` supplies the ``serve`` section and the ``index`` (default: the run's own index);
     ``milvus_uri`` overrides ``index.uri``; ``deployment_options`` overrides Serve options by
     deployment name (ImageEncoder, TextEncoder, Hasher, Index, Ingress), as a Serve config does.
     """
-    run = RunDir(Path(run_path).resolve())
-    run_cfg = run.config()
     settings = settings or ServingConfig()
     cfg = settings.serve
+    token = auth_token(cfg, host)  # first: nothing starts without the auth it needs
+    run = RunDir(Path(run_path).resolve())
+    run_cfg = run.config()
     index_cfg = index_settings(settings.index or run_cfg.index, milvus_uri)
     bits = run_cfg.codes.bits
     overrides = deployment_options or {}
@@ -464,20 +537,24 @@ def build_app(
             merged["num_replicas"] = 1
         return deployment.options(**merged)
 
+    hasher = configured(HasherDeployment, _options(cfg.hasher, cfg)).bind(path, cfg)
     return configured(Ingress, _options(cfg.ingress, cfg)).bind(
-        configured(ImageEncoder, _options(cfg.image_encoder, cfg, max_ongoing_requests=4 * cfg.image_batch_size)).bind(path, cfg),
-        configured(TextEncoder, _options(cfg.text_encoder, cfg, max_ongoing_requests=4 * cfg.text_batch_size)).bind(path, cfg),
-        configured(HasherDeployment, _options(cfg.hasher, cfg)).bind(path, cfg),
-        configured(IndexDeployment, _options(cfg.index, cfg)).bind(index_cfg, bits),
+        configured(ImageEncoder, _options(cfg.image_encoder, cfg, max_ongoing_requests=4 * cfg.image_batch_size)).bind(path, cfg, hasher),
+        configured(TextEncoder, _options(cfg.text_encoder, cfg, max_ongoing_requests=4 * cfg.text_batch_size)).bind(path, cfg, hasher),
+        configured(IndexDeployment, _options(cfg.index, cfg, health_check_period_s=5, health_check_timeout_s=60)).bind(index_cfg, bits),
         bits,
         run.label_names(),
         cfg,
-        auth_token(cfg),
+        token,
     )
 
 
 def app_builder(args: dict):
-    """``import_path`` target of a Serve config: args ``run`` (required), ``milvus_uri``, ``config`` (a serving YAML)."""
+    """``import_path`` target of a Serve config: args ``run`` (required), ``milvus_uri``, ``config`` (a serving YAML).
+
+    The config's ``http_options.host`` is not visible here, so auth is on unless the serving YAML
+    sets ``serve.require_auth: false``.
+    """
     unknown = set(args) - {"run", "milvus_uri", "config"}
     if unknown or "run" not in args:
         raise ConfigError(f"serve config args: need 'run', may have 'milvus_uri' and 'config'; got {sorted(args)}")

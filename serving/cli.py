@@ -64,7 +64,7 @@ def run_serve(args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     settings, options, app_args = read_serve_config(args.config)
     settings = override(settings, {"serve.host": args.host, "serve.port": args.port, **parse_assignments(args.set)})
-    application = build_app(run.path, args.milvus_uri or app_args.get("milvus_uri"), settings, options)
+    application = build_app(run.path, args.milvus_uri or app_args.get("milvus_uri"), settings, options, host=settings.serve.host)
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(application, name="medhash", route_prefix="/")

@@ -30,7 +30,7 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     auth_token_env: str = "MEDHASH_API_TOKEN"  # environment variable holding the bearer token
-    require_auth: bool | None = None  # None: on unless bound to localhost
+    require_auth: bool | None = None  # None: on unless bound to loopback (always on under a Serve config)
     max_request_bytes: int = Field(20 * 2**20, ge=1024)  # larger requests get 413
     max_image_pixels: int = Field(50_000_000, ge=1)  # larger images are refused before decoding
     max_text_chars: int = Field(20_000, ge=1)
@@ -46,7 +46,7 @@ class ServeConfig(Section):
     text_encoder: DeploymentResources = DeploymentResources()
     hasher: DeploymentResources = DeploymentResources()
     index: DeploymentResources = DeploymentResources(max_replicas=1)  # > 1 only with a Milvus server URI
-    ingress: DeploymentResources = DeploymentResources()
+    ingress: DeploymentResources = DeploymentResources(max_replicas=1)  # /metrics is per ingress replica (docs/deploy.md)
     image_store: Path | None = None  # uploaded images; None: <medhash cache>/serve-images
 
 

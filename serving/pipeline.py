@@ -5,6 +5,7 @@ benchmarks and bulk ingestion call them directly, so every path runs the same co
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,14 +21,15 @@ from medhash.services.run_dir import RunDir
 
 
 class ImageEmbedder:
-    """Image bytes -> v^x: decode, the run's image backbone, the LSCH image branch."""
+    """Image bytes -> v^x: decode, the run's image backbone, the method's image branch (on ``device``)."""
 
-    def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_pixels: int = MAX_PIXELS):
+    def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_pixels: int = MAX_PIXELS, device: str = "cpu"):
         from medhash.services.backbones.image import build_image_backbone
 
-        self.encoder = build_image_backbone(cfg.image_backbone).eval()
-        self.model = model
+        self.encoder = build_image_backbone(cfg.image_backbone).eval().to(device)
+        self.model = model.to(device)
         self.max_pixels = max_pixels
+        self.device = device
 
     def preprocess(self, data: bytes, name: str) -> Tensor:
         """One image as the backbone's input tensor; DataError for anything that is not a usable image."""
@@ -37,7 +39,7 @@ class ImageEmbedder:
     @torch.inference_mode()
     def embed(self, pixels: list[Tensor]) -> np.ndarray:
         """v^x [B, d] of preprocessed images."""
-        return self.model.embed_image(self.encoder(torch.stack(pixels))).numpy().astype(np.float32)
+        return self.model.embed_image(self.encoder(torch.stack(pixels).to(self.device))).cpu().numpy().astype(np.float32)
 
     def __call__(self, images: list[bytes], names: list[str] | None = None) -> np.ndarray:
         names = names or [f"image {i}" for i in range(len(images))]
@@ -45,19 +47,25 @@ class ImageEmbedder:
 
 
 class TextEmbedder:
-    """Report text -> v^y: the run's text encoder, the LSCH text branch."""
+    """Report text -> v^y: the run's text encoder, the method's text branch (on ``device``)."""
 
-    def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_chars: int = 20_000):
+    def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_chars: int = 20_000, device: str = "cpu"):
         from medhash.services.backbones.text import build_text_backbone
 
-        self.encoder = build_text_backbone(cfg.text_backbone).eval()
-        self.model = model
+        self.encoder = build_text_backbone(cfg.text_backbone).eval().to(device)
+        self.model = model.to(device)
         self.max_chars = max_chars
 
     def check(self, text: object) -> str:
-        """The text itself, or a DataError when it is not a non-empty string within the size limit."""
+        """The text in Unicode normal form C, or a DataError when it is not a non-empty, valid
+        Unicode string within the size limit (checked per request, so one bad text never fails a batch)."""
         if not isinstance(text, str):
             raise DataError(f"text must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"text is not valid Unicode (an unpaired surrogate at character {exc.start})") from None
+        text = unicodedata.normalize("NFC", text)
         if not text.strip():
             raise DataError("text is empty: nothing to encode")
         if len(text) > self.max_chars:
@@ -67,17 +75,17 @@ class TextEmbedder:
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> np.ndarray:
         """v^y [B, d] of checked texts."""
-        return self.model.embed_text(self.encoder.encode(texts)).numpy().astype(np.float32)
+        return self.model.embed_text(self.encoder.encode(texts)).cpu().numpy().astype(np.float32)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.embed([self.check(text) for text in texts])
 
 
 class Hasher:
-    """v -> packed codes (np.packbits rows) through the run's GBRBM heads, one per code length."""
+    """v -> packed codes (np.packbits rows) through the run's hashing heads, one per code length."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self.model = model  # on the CPU: the heads are small, and a model loaded without frozen weights cannot move
         self.bits = tuple(sorted(model.bits))
 
     def check_bits(self, bits: int | None) -> int:
@@ -90,6 +98,10 @@ class Hasher:
     def __call__(self, v: np.ndarray, bits: int) -> np.ndarray:
         codes = self.model.codes(torch.from_numpy(np.asarray(v, dtype=np.float32)), self.check_bits(bits))
         return pack_codes(codes.numpy().astype(np.uint8))
+
+    def all_bits(self, v: np.ndarray) -> dict[int, np.ndarray]:
+        """Packed codes of ``v`` at every trained code length."""
+        return {bits: self(v, bits) for bits in self.bits}
 
 
 @dataclass

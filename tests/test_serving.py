@@ -132,7 +132,7 @@ def start(run, uri: str, port: int, options: dict | None = None, **serve_fields)
     fields = dict(port=port, max_request_bytes=MAX_REQUEST_BYTES, max_image_pixels=MAX_IMAGE_PIXELS, auth_token_env=TOKEN_ENV)
     settings = ServingConfig(serve=ServeConfig(**{**fields, **serve_fields}))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(run.path, uri, settings, options), name="medhash", route_prefix="/")
+    serve.run(build_app(run.path, uri, settings, options, host="127.0.0.1"), name="medhash", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
@@ -255,7 +255,7 @@ def test_ingest_then_get_find_and_fetch_the_image(served, dataset):
     before = requests.get(f"{url}/healthz", timeout=30).json()["records"]
     form = {
         "id": "upload-1", "report": "Fresh report: small nodule in the right upper lobe.", "patient_id": "patient-up",
-        "study_id": "study-up", "labels": "test:uploaded, location:Chest", "view": "axial",
+        "study_id": "study-up", "labels": ["test:uploaded", "location:Chest"], "view": "axial",
     }
     for _ in range(2):  # the second call replaces, it does not duplicate
         answer = requests.post(f"{url}/ingest", data=form, files={"image": ("scan.png", source.image_paths[0].read_bytes())}, timeout=60)
@@ -280,6 +280,7 @@ def test_labels_route_lists_the_runs_label_names(served, tiny_run):
 
 
 def test_metrics_are_prometheus_text_without_patient_data(served, dataset):
+    records = requests.get(f"{served['url']}/healthz", timeout=30).json()["records"]["64"]
     text = requests.get(f"{served['url']}/metrics", timeout=30).text
     for needle in (
         'medhash_requests_total{route="/search/text",status="200"}',
@@ -288,13 +289,89 @@ def test_metrics_are_prometheus_text_without_patient_data(served, dataset):
         'medhash_stage_latency_seconds_count{stage="encode_image"}',
         'medhash_stage_latency_seconds_count{stage="insert"}',
         'medhash_batch_size_count{encoder="text"}',
-        f'medhash_index_records{{bits="64"}} {2 * len(dataset) + 2}.0',
+        f'medhash_index_records{{bits="64"}} {records}.0',
         'medhash_errors_total{kind="bad_input"}',
         'medhash_errors_total{kind="too_large"}',
     ):
         assert needle in text, needle
     for private in ("upload-1", "patient-up", "no-such-item", dataset.items[0].patient_id):
         assert private not in text
+
+
+def test_a_search_with_40000_labels_is_refused_and_the_next_one_answers(served, dataset):
+    url, item = served["url"], query_items(dataset)[0]
+    labels = [f"topic:label {i}" for i in range(40_000)]
+    answer = requests.post(f"{url}/search/text", json={"text": item.report, "labels": labels}, timeout=60)
+    assert answer.status_code == 400 and "at most 16" in answer.json()["error"]
+    answer = requests.post(f"{url}/search/image", files={"file": ("q.png", item.image_paths[0].read_bytes())},
+                           data={"labels": labels[:50]}, timeout=60)
+    assert answer.status_code == 400 and "at most 16" in answer.json()["error"]
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    answer = requests.post(f"{url}/search/text", json={"text": item.report}, timeout=60)
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 10
+
+
+def test_a_thin_image_is_refused_before_it_is_padded_to_a_square(served):
+    answer = requests.post(f"{served['url']}/search/image", files={"file": ("thin.png", png_bytes(Image.new("L", (1, 40_000))))},
+                           timeout=60)
+    assert answer.status_code == 400 and "thin.png" in answer.json()["error"]
+
+
+def test_one_text_with_a_lone_surrogate_fails_only_its_own_request(served, dataset):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [item.report for item in dataset.items[:11]] + ["lung \ud800 nodule"]
+    def post(text):
+        return requests.post(f"{served['url']}/search/text", json={"text": text, "k": 3}, timeout=120)
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(post, texts))
+    assert [a.status_code for a in answers] == [200] * 11 + [400]
+    assert "surrogate" in answers[-1].json()["error"]
+
+
+def test_a_refused_reingest_changes_nothing(served, dataset):
+    url = served["url"]
+    first, second = dataset.items[0].image_paths[0].read_bytes(), dataset.items[1].image_paths[0].read_bytes()
+    form = {"id": "reingest-1", "report": "Original report: clear lungs.", "patient_id": "p-1"}
+    assert requests.post(f"{url}/ingest", data=form, files={"image": ("a.png", first)}, timeout=60).status_code == 200
+    before = requests.get(f"{url}/items/reingest-1", timeout=30).json()
+    image_before = requests.get(url + before["image_url"], timeout=30).content
+    refused = requests.post(f"{url}/ingest", data={**form, "report": "New report", "patient_id": "é" * 200},  # 400 bytes
+                            files={"image": ("b.png", second)}, timeout=60)
+    assert refused.status_code == 400 and "patient_id" in refused.json()["error"]
+    assert requests.get(f"{url}/items/reingest-1", timeout=30).json() == before
+    assert requests.get(url + before["image_url"], timeout=30).content == image_before
+    hits = requests.post(f"{url}/search/text", json={"text": form["report"], "direction": "reports", "k": 1}, timeout=60)
+    assert hits.json()["results"][0]["id"] == "reingest-1" and hits.json()["results"][0]["distance"] == 0
+
+
+def test_a_label_with_a_comma_filters_on_both_routes(served, dataset):
+    url, source = served["url"], dataset.items[2]
+    label = "topic:Neoplasm, benign"  # one of MedPix's labels with a comma in it
+    form = {"id": "comma-1", "report": source.report, "labels": [label, "location:Chest"]}
+    assert requests.post(f"{url}/ingest", data=form, files={"image": ("c.png", source.image_paths[0].read_bytes())},
+                         timeout=60).status_code == 200
+    assert requests.get(f"{url}/items/comma-1", timeout=30).json()["labels"] == [label, "location:Chest"]
+    text = requests.post(f"{url}/search/text", json={"text": source.report, "direction": "both", "labels": [label]}, timeout=60)
+    image = requests.post(f"{url}/search/image", files={"file": ("q.png", source.image_paths[0].read_bytes())},
+                          data={"labels": [label], "direction": "both"}, timeout=60)
+    for answer in (text, image):
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert "comma-1" in {r["id"] for r in results} and all(label in r["labels"] for r in results)
+
+
+@pytest.mark.parametrize("item_id", ["a/b", "..", " padded"])
+def test_ids_no_route_could_fetch_are_refused_at_ingest(served, item_id):
+    answer = requests.post(f"{served['url']}/ingest", data={"id": item_id, "report": "a report"}, timeout=60)
+    assert answer.status_code == 400 and "not usable" in answer.json()["error"]
+
+
+def test_health_means_the_encoders_answer(served, dataset):
+    started = time.perf_counter()
+    assert requests.get(f"{served['url']}/healthz", timeout=30).json()["status"] == "ok"
+    answer = requests.post(f"{served['url']}/search/text", json={"text": dataset.items[0].report}, timeout=60)
+    assert answer.status_code == 200 and time.perf_counter() - started < 5  # warm: no first-request model load
 
 
 def search_pair(url: str, dataset, headers: dict) -> tuple:

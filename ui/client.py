@@ -52,7 +52,7 @@ class SearchClient:
         return self._call("GET", "/labels").json()["labels"]
 
     def search_image(self, data: bytes, filename: str, query: SearchQuery) -> list[dict]:
-        form = {"k": query.k, "direction": query.direction, "labels": ",".join(query.labels)}
+        form = {"k": query.k, "direction": query.direction, "labels": list(query.labels)}  # one field per label
         if query.view:
             form["view"] = query.view
         answer = self._call("POST", "/search/image", files={"file": (filename, data)}, data=form)

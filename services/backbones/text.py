@@ -51,8 +51,9 @@ class TextBackbone(nn.Module):
         """Embeddings of ``texts`` in batches of ``batch_size``: [len(texts), dim]."""
         if not texts:
             return torch.empty(0, self.dim)
+        device = next(self.parameters()).device
         batches = [texts[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
-        return torch.cat([self(**self.tokenize(batch)) for batch in batches])
+        return torch.cat([self(**{k: x.to(device) for k, x in self.tokenize(batch).items()}) for batch in batches])
 
 
 def resolve_text_model(name: str) -> str:
