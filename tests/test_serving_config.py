@@ -13,15 +13,26 @@ from medhash.services.errors import ConfigError
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
 
 
-def test_auth_is_on_off_localhost_and_needs_a_token(monkeypatch):
+def test_auth_is_on_off_loopback_and_needs_a_token(monkeypatch):
     monkeypatch.delenv("MEDHASH_API_TOKEN", raising=False)
-    assert auth_token(ServeConfig(host="127.0.0.1")) is None
-    with pytest.raises(ConfigError, match="MEDHASH_API_TOKEN"):
-        auth_token(ServeConfig(host="0.0.0.0"))
+    cfg = ServeConfig()
+    assert auth_token(cfg, "127.0.0.1") is None
+    for host in ("0.0.0.0", None):  # None: bound by a Serve config's http_options, unknown here
+        with pytest.raises(ConfigError, match="MEDHASH_API_TOKEN is empty or blank"):
+            auth_token(cfg, host)
+    monkeypatch.setenv("MEDHASH_API_TOKEN", "  \t ")
+    with pytest.raises(ConfigError, match="empty or blank"):
+        auth_token(cfg, "0.0.0.0")
     monkeypatch.setenv("MEDHASH_API_TOKEN", "t0ken")
-    assert auth_token(ServeConfig(host="0.0.0.0")) == "t0ken"
-    assert auth_token(ServeConfig(host="127.0.0.1", require_auth=True)) == "t0ken"
-    assert auth_token(ServeConfig(host="0.0.0.0", require_auth=False)) is None
+    assert auth_token(cfg, "0.0.0.0") == auth_token(cfg, None) == "t0ken"
+    assert auth_token(ServeConfig(require_auth=True), "127.0.0.1") == "t0ken"
+    assert auth_token(ServeConfig(require_auth=False), "0.0.0.0") is None
+
+
+def test_the_app_builder_of_a_serve_config_refuses_to_build_without_a_token(monkeypatch, tmp_path):
+    monkeypatch.delenv("MEDHASH_API_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="MEDHASH_API_TOKEN"):
+        app_builder({"run": str(tmp_path / "no-run-needed")})  # refused before the run is read
 
 
 def test_deploy_serve_yaml_is_read_as_a_serve_config():
