@@ -1,6 +1,7 @@
 """A self-contained run directory: everything needed to evaluate, serve or reproduce a trained model.
 
-    config.yaml        the full validated configuration
+    config.yaml        the full validated configuration, with the absolute data folder training read
+                       (so eval, index and serve find the data without MEDHASH_DATA; --root still wins)
     model.safetensors  the trained weights (the model selected on dev), frozen backbones excluded
     labels.json        the label list, in the order of the label vectors
     history.json       per-epoch losses and dev scores (training also plots them as loss.png)

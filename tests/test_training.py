@@ -1,13 +1,14 @@
 """LSCH trained end to end through Ray Train on a real local cluster, on real MedPix features.
 
-The fast tests use a tiny random LLM (the alignment path is the same code); the `real` test uses
-Gemma-3-270M. Recovery is tested by killing a real worker process and by interrupting a real
-`medhash train` process and running it again.
+The fast tests use a tiny random LLM (the alignment path is the same code); the README's main
+command, run as written, uses Gemma-3-270M. Recovery is tested by killing a real worker process and
+by interrupting a real `medhash train` process and running it again.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,13 +22,16 @@ import yaml
 
 from medhash.services.codes import hamming_distances, load_codes_npz
 from medhash.services.config import load_config
+from medhash.services.errors import ConfigError
 from medhash.services.evaluation.protocols import evaluate
 from medhash.services.features.featureset import build_featureset
 from medhash.services.evaluation.metrics import label_relevance, retrieval_metrics
 from medhash.services.evaluation.run import evaluate_run
+from medhash.services.run_dir import RunDir
 from medhash.training.trainer import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
 
 
 def tiny_config(shared_data: Path, **train_overrides):
@@ -46,7 +50,7 @@ def tiny_features(shared_data):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")  # Ray Train's State API queries need it
     yield
     ray.shutdown()
 
@@ -75,6 +79,7 @@ def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_featur
     meta = run.meta()
     assert meta["items"] == {"train": 100, "dev": 100, "query": 100}
     assert len(meta["git_commit"]) in (40, len("unknown"))
+    assert run.config().data.root == (shared_data / "medpix2").resolve()  # eval / index / demo need no MEDHASH_DATA
 
     results = evaluate_run(tmp_path / "run", tmp_path / "eval", features=tiny_features)
     baseline = random_code_map(tiny_features, 32)
@@ -102,17 +107,84 @@ def test_one_and_two_workers_reach_the_same_map(shared_data, tiny_features, ray_
     assert abs(maps[1] - maps[2]) < 0.06, maps
 
 
+def test_a_finished_run_is_reused_for_the_same_config_and_refused_for_another(tmp_path, monkeypatch, caplog):
+    """No training: a finished run directory written by hand, then `train` asked for it again."""
+    import torch
+
+    data = tmp_path / "data" / "medpix2"
+    data.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("MEDHASH_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    tiny = CONFIGS / "medpix2-lsch-tiny.yaml"
+    run = RunDir(tmp_path / "run")
+    run.write(load_config(tiny, {"data.root": data}), {"w": torch.zeros(1)}, ["a"], [], {"dataset": "medpix2"})
+
+    caplog.set_level("INFO", logger="medhash.training.trainer")
+    for same in (load_config(tiny), load_config(tiny, {"data.root": "data/medpix2", "method_params.lsch.alpha": 0.5})):
+        assert train(same, run.path).path == run.path  # the root through MEDHASH_DATA or relative; a default spelt out
+    assert "reusing it" in caplog.text
+
+    for overrides, field in [
+        ({"train.epochs": 9}, "train.epochs"), ({"method_params.lsch.alpha": 1}, "method_params.lsch.alpha"),
+        ({"data.root": "elsewhere"}, "data.root"), ({"codes.bits": [32]}, "codes.bits"),
+    ]:
+        with pytest.raises(ConfigError, match="choose another --out") as refused:
+            train(load_config(tiny, overrides), run.path)
+        assert field in str(refused.value) and "train.lr" not in str(refused.value)
+
+
+def readme_main_commands() -> tuple[str, str]:
+    """The `medhash train ...` and `medhash eval ...` steps of the README's main command, as written there."""
+    line = next(
+        (row.strip() for row in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+         if row.strip().startswith("pip install torch") and "medhash train" in row),
+        None,
+    )
+    assert line, "README.md has no `pip install torch ... medhash train ...` command line"
+    steps = [step.strip() for step in line.split("&&")]
+    train_step = next(step for step in steps if re.search(r"(^|\s)medhash train\s", step))
+    eval_step = next(step for step in steps if re.search(r"(^|\s)medhash eval\s", step))
+    return train_step, eval_step
+
+
 @pytest.mark.real
-def test_tiny_config_with_the_real_gemma_trains_and_beats_random_codes(shared_data, ray_cluster, tmp_path):
-    """The shipped -tiny configuration as it is: real Gemma-3-270M (2 layers), real features, Ray Train."""
-    cfg = load_config(CONFIGS / "medpix2-lsch-tiny.yaml", {"data.root": shared_data / "medpix2"})
-    assert cfg.llm.name == "gemma-3-270m"
-    features = build_featureset(cfg, progress=False)
-    train(cfg, tmp_path / "run", features)
-    results = evaluate_run(tmp_path / "run", tmp_path / "eval", features=features)
-    baseline = random_code_map(features, 32)
+def test_the_readme_main_command_trains_evaluates_and_reruns(shared_data, tmp_path):
+    """The README's train and eval steps verbatim (the shipped -tiny config: real Gemma-3-270M, real MedPix,
+    Ray Train), from a folder laid out like the checkout (`training/`, `../shared/data`), run twice."""
+    import ray
+
+    ray.shutdown()  # the commands start their own local cluster
+    train_step, eval_step = readme_main_commands()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "training").symlink_to(REPO / "training", target_is_directory=True)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(shared_data, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MEDHASH_DATA", "RAY_ADDRESS")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+
+    def run(step: str) -> tuple[str, float]:
+        started = time.time()
+        done = subprocess.run(step, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, f"`{step}` failed:\n{output[-3000:]}"
+        assert "PlacementGroupCleaner" not in output, f"`{step}`: Ray's placement-group cleaner complained"
+        return output, time.time() - started
+
+    run(train_step)
+    stored = yaml.safe_load((work / "runs" / "medpix2-tiny" / "config.yaml").read_text())
+    assert stored["data"]["root"] == str((shared_data / "medpix2").resolve())
+    run(eval_step)  # no MEDHASH_DATA: the run knows its data folder
+    results = json.loads((work / "runs" / "medpix2-tiny" / "eval" / "results.json").read_text())
+    floor = results["references"]["labels"]["random"]
     for direction in ("i2t", "t2i"):
-        assert results["bits"]["32"]["labels"][direction]["map@all"] > baseline + 0.08
+        assert results["bits"]["32"]["labels"][direction]["map@all"] > floor + 0.08
+
+    again, seconds = run(train_step)
+    assert "reusing it" in again and seconds < 90, (seconds, again[-2000:])
+    run(eval_step)
+    assert (work / "runs" / "medpix2-tiny" / "eval" / "results.json").is_file()
 
 
 def _worker_pids() -> list[int]:

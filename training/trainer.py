@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-from medhash.services.config import MedhashConfig
-from medhash.services.errors import ConfigError
+from medhash.services import registry
+from medhash.services.config import MedhashConfig, override
+from medhash.services.data import dataset_root
+from medhash.services.errors import ConfigError, DataError
 from medhash.services.features.featureset import FeatureSet, build_featureset
 from medhash.services.methods import schedule
 from medhash.training.loop import STATE_FILE, train_loop
@@ -20,22 +22,99 @@ log = logging.getLogger(__name__)
 
 
 def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local one on this machine's cores."""
+    """Join the cluster in RAY_ADDRESS, or start a local one on this machine's cores.
+
+    The local cluster runs Ray's dashboard process, bound to 127.0.0.1 only: it serves the Ray State
+    API, and Ray Train v2 needs that API. Each run starts a detached ``PlacementGroupCleaner`` actor
+    that asks the State API every second whether the train controller is still alive (to free the
+    workers' placement group if the controller dies). Without the dashboard every query fails and
+    the actor logs "Failed to query Ray Train Controller actor state" once a second for the whole
+    run; Ray has no setting that turns the cleaner off. The dashboard's packages come with
+    ``ray[serve]``. (Joining an existing cluster, these arguments are ignored: that cluster's head
+    decides.)
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
+
+
+def with_resolved_data(cfg: MedhashConfig) -> MedhashConfig:
+    """``cfg`` with the dataset folder training reads (``data.root``, or ``$MEDHASH_DATA/<folder>``)
+    and the other data paths it names made absolute, so the run reopens its data from any directory
+    without MEDHASH_DATA; DataError when the folder does not exist."""
+    paths = {"data.root": dataset_root(cfg.data).resolve()}
+    for name in ("images", "reports", "split_file"):
+        if getattr(cfg.data, name) is not None:
+            paths[f"data.{name}"] = Path(getattr(cfg.data, name)).expanduser().resolve()
+    return override(cfg, paths)
+
+
+def config_differences(stored: MedhashConfig, requested: MedhashConfig) -> list[str]:
+    """The dotted fields where two configurations differ, ``"train.epochs (run: 8, requested: 9)"``;
+    the parameters of every method either names are compared with their defaults filled in."""
+    methods = sorted({stored.method, requested.method, *stored.method_params, *requested.method_params})
+    old, new = _flat_config(stored, methods), _flat_config(requested, methods)
+    return [
+        f"{key} (run: {old.get(key)!r}, requested: {new.get(key)!r})"
+        for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+    ]
+
+
+def _flat_config(cfg: MedhashConfig, methods: list[str]) -> dict:
+    """``cfg`` as ``{"train.epochs": 8, "method_params.lsch.alpha": 0.5, ...}``."""
+    raw = cfg.model_dump(mode="json")
+    raw["method_params"] = {
+        name: registry.method_class(name).Params.model_validate(cfg.method_params.get(name, {})).model_dump(mode="json")
+        for name in methods
+    }
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        else:
+            flat[prefix] = value
+
+    walk("", raw)
+    return flat
+
+
+def finished_run(run: RunDir, cfg: MedhashConfig) -> RunDir:
+    """The finished run in ``run`` if it was trained with ``cfg``; ConfigError naming what differs otherwise."""
+    stored = run.config()
+    try:
+        stored = with_resolved_data(stored)  # a run written before roots were stored: read through MEDHASH_DATA
+    except DataError:
+        pass  # its data moved: the roots differ and are named below
+    differences = config_differences(stored, cfg)
+    if differences:
+        raise ConfigError(
+            f"{run.path} already holds a finished run of another configuration (it differs in "
+            + "; ".join(differences) + f"); choose another --out, or delete {run.path} to train it again"
+        )
+    log.info("%s already holds a finished run of this configuration: reusing it, nothing to train", run.path)
+    return run
 
 
 def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> RunDir:
-    """Train ``cfg.method`` as ``cfg`` says and write the run directory ``out`` (resuming an interrupted run)."""
+    """Train ``cfg.method`` as ``cfg`` says and write the run directory ``out`` (resuming an interrupted run).
+
+    A finished run in ``out`` trained with the same configuration is returned as it is; one trained
+    with another configuration is refused. The run's config.yaml holds the absolute data paths read.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cfg = with_resolved_data(cfg)
     run = RunDir(out)
     if run.is_complete():
-        raise ConfigError(f"{out} already holds a finished run; choose another --out")
+        return finished_run(run, cfg)
     if not schedule(cfg):
         raise ConfigError(f"train: the {cfg.method} schedule of this config has no epochs, nothing to train")
     started = time.time()
