@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
-import time
+import threading
 from pathlib import Path
 
 from medhash.serving.config import ServingConfig, load_serving_config
@@ -69,12 +68,14 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(application, name="medhash", route_prefix="/")
     print(f"medhash serving {run.path} on http://{settings.serve.host}:{settings.serve.port} (docs at /docs); Ctrl-C stops")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `docker stop` / `kill`: shut Serve down cleanly too
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        serve.shutdown()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # `docker stop` / `kill` / Ctrl-C: the same clean shutdown
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("medhash serve: shutting down")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
 
 
 def run_index(args: argparse.Namespace) -> int:

@@ -460,3 +460,25 @@ def test_ingest_speed_benchmark_indexes_every_item_and_reports_both_passes(tiny_
     assert all(seconds > 0 for seconds in indexing.stages.values())
     report = format_report(encoders, indexing, 4)
     assert "| indexing |" in report and "Index throughput / encoders alone:" in report
+
+
+def test_medhash_serve_shuts_down_cleanly_on_sigterm(served, tiny_run, index_uri):
+    """The command as a container runtime stops it (last here: it joins this module's cluster and replaces the app)."""
+    import os
+    import signal
+
+    env = {**os.environ, "MEDHASH_CACHE": str(Path(index_uri).parent)}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("medhash")), "serve", "--run", str(tiny_run.path), "--milvus-uri", index_uri,
+         "--port", str(served["port"])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("medhash serving"):
+            break
+    assert requests.get(f"{served['url']}/healthz", timeout=30).status_code == 200
+    process.send_signal(signal.SIGTERM)
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-2000:]
+    assert "shutting down" in output and "Aborted" not in output
