@@ -202,7 +202,7 @@ def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes],
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         serve.start(http_options={"host": HOST, "port": port})
-        serve.run(build_app(run.path, uri, settings, options), name="medhash", route_prefix="/")
+        serve.run(build_app(run.path, uri, settings, options, host=HOST), name="medhash", route_prefix="/")
         timings = []
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as client:
             for query, route, posts in cases:
