@@ -4,7 +4,9 @@ The dataset's codes go into a milvus-lite file (reused when it already holds eve
 query-split reports (and query images) are searched first in this process (``Pipeline`` + ``CodeIndex``)
 and then over HTTP through the Serve application on a local Ray cluster, the HTTP load coming from a
 separate process. Both run one query at a time and with a thread pool of ``concurrency`` workers;
-the ratios come from the same run (absolute times are noisy on a shared machine).
+the ratios come from the same run (absolute times are noisy on a shared machine). The Serve
+replicas' resident memory is read at start-up, after the measurements and through an optional soak
+(mixed text and image searches for ``--soak-minutes``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,6 +30,7 @@ from medhash.services.run_dir import RunDir
 K = 10
 HOST = "127.0.0.1"
 WARMUP = 3  # requests sent before timing each path
+SOAK_SAMPLE_S = 60.0  # replica memory is read this often during a soak
 REQUEST_TIMEOUT_S = 60.0
 
 
@@ -53,8 +56,12 @@ def summarize(path: str, query: str, concurrency: int, latencies_s: Sequence[flo
                   len(latencies_s) / wall_s if wall_s > 0 else float("nan"))
 
 
-def fire(call: Callable[[object], object], payloads: Sequence, concurrency: int) -> tuple[list[float], int, float]:
-    """Run ``call`` on every payload with ``concurrency`` threads: (latencies of successes, errors, wall seconds)."""
+def fire(call: Callable[[object], object], payloads: Sequence, concurrency: int,
+         seconds: float | None = None) -> tuple[list[float], int, float]:
+    """Run ``call`` on every payload with ``concurrency`` threads: (latencies of successes, errors, wall seconds).
+
+    With ``seconds``, each thread cycles through its share of the payloads until that much time has passed.
+    """
 
     def timed(payload) -> float | None:
         start = time.perf_counter()
@@ -64,17 +71,27 @@ def fire(call: Callable[[object], object], payloads: Sequence, concurrency: int)
             return None
         return time.perf_counter() - start
 
+    def until_deadline(worker: int) -> list[float | None]:
+        share, results = payloads[worker::concurrency] or payloads, []
+        while time.perf_counter() < deadline:
+            results.append(timed(share[len(results) % len(share)]))
+        return results
+
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(timed, payloads))
+        if seconds is None:
+            results = list(pool.map(timed, payloads))
+        else:
+            deadline = start + seconds
+            results = [r for share in pool.map(until_deadline, range(concurrency)) for r in share]
     wall_s = time.perf_counter() - start
     latencies = [r for r in results if r is not None]
     return latencies, len(results) - len(latencies), wall_s
 
 
-def post_all(url: str, posts: Sequence[dict], concurrency: int,
-             timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[list[float], int, float]:
-    """POST each of ``posts`` (``requests.post`` keyword arguments) to ``url``: :func:`fire` over HTTP.
+def post_all(posts: Sequence[tuple[str, dict]], concurrency: int, timeout_s: float = REQUEST_TIMEOUT_S,
+             seconds: float | None = None) -> tuple[list[float], int, float]:
+    """POST each of ``posts`` (URL, ``requests.post`` keyword arguments): :func:`fire` over HTTP.
 
     Run it in a separate process so the client's work does not share the server's interpreter.
     """
@@ -83,10 +100,38 @@ def post_all(url: str, posts: Sequence[dict], concurrency: int,
     with requests.Session() as session:
         session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=concurrency))
 
-        def post(kwargs: dict) -> None:
+        def post(request: tuple[str, dict]) -> None:
+            url, kwargs = request
             session.post(url, timeout=timeout_s, **kwargs).raise_for_status()
 
-        return fire(post, posts, concurrency)
+        return fire(post, posts, concurrency, seconds)
+
+
+def replica_processes(app: str = "medhash") -> dict[str, list]:
+    """This machine's Serve replica processes of ``app`` by deployment (psutil), found by the process
+    title Ray gives them (``ray::ServeReplica:<app>:<deployment>``), so no Ray dashboard is needed."""
+    import psutil
+
+    prefix = f"ray::ServeReplica:{app}:"
+    found: dict[str, list] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith(prefix):
+            found.setdefault(title[len(prefix):].split(".")[0].split()[0], []).append(process)
+    return dict(sorted(found.items()))
+
+
+def replica_memory_mb(app: str = "medhash") -> dict[str, float]:
+    """Resident memory (MB, with child processes such as milvus-lite) of ``app``'s replicas, per deployment."""
+    import psutil
+
+    def rss(process) -> int:
+        try:
+            return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            return 0
+
+    return {name: sum(map(rss, processes)) / 2**20 for name, processes in replica_processes(app).items()}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -98,6 +143,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-requests", type=int, default=50, help="image searches per measurement (default 50; 0: none)")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads of the concurrent runs (default 8)")
     parser.add_argument("--milvus-uri", help="milvus-lite file (default: <medhash cache>/bench/speed-serve.db)")
+    parser.add_argument("--soak-minutes", type=float, default=0.0,
+                        help="then mixed text and image searches at --concurrency clients for this long (default 0: none)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve app on 127.0.0.1 (default 8000)")
     parser.set_defaults(func=run)
 
@@ -106,28 +153,32 @@ def run(args: argparse.Namespace) -> int:
     from medhash.services.config import cache_root
     from medhash.services.errors import ConfigError
 
-    if args.requests < 1 or args.image_requests < 0 or args.concurrency < 1:
-        raise ConfigError("need --requests >= 1, --image-requests >= 0 and --concurrency >= 1")
+    if args.requests < 1 or args.image_requests < 0 or args.concurrency < 1 or args.soak_minutes < 0:
+        raise ConfigError("need --requests >= 1, --image-requests >= 0, --concurrency >= 1 and --soak-minutes >= 0")
     uri = args.milvus_uri or str(cache_root() / "bench" / "speed-serve.db")
     if not uri.endswith(".db"):
         raise ConfigError(f"--milvus-uri {uri!r}: this benchmark runs on a milvus-lite file (*.db)")
     _check_port_free(args.port)
-    timings = measure_serve_speed(RunDir(args.run), _dataset(args), uri, args.requests, args.image_requests,
-                                  args.concurrency, args.port)
+    timings, memory = measure_serve_speed(RunDir(args.run), _dataset(args), uri, args.requests, args.image_requests,
+                                          args.concurrency, args.port, args.soak_minutes)
     print(format_report(timings))
+    print("\nResident memory of the Serve replicas (with their child processes):\n")
+    print(format_memory(memory))
     return 0
 
 
 def measure_serve_speed(run: RunDir, dataset: Dataset, uri: str, requests: int = 200, image_requests: int = 50,
-                        concurrency: int = 8, port: int = 8000) -> list[Timing]:
-    """Index ``dataset``, then time text (and image) searches in-process and through Serve."""
+                        concurrency: int = 8, port: int = 8000,
+                        soak_minutes: float = 0.0) -> tuple[list[Timing], list[tuple[str, dict[str, float]]]]:
+    """Index ``dataset``, then time text (and image) searches in-process and through Serve (and soak it):
+    the timings and the Serve replicas' memory over the run."""
     queries = [item for item in dataset.items if item.split == "query"] or dataset.items
     texts = [queries[i % len(queries)].report for i in range(requests)]
     images = [_png_bytes(queries[i % len(queries)].image_paths[0]) for i in range(image_requests)]
     _ensure_indexed(run, dataset, uri)
     timings = _in_process(run, uri, texts, images, concurrency)
-    timings += _through_serve(run, uri, texts, images, concurrency, port)
-    return timings
+    served, memory = _through_serve(run, uri, texts, images, concurrency, port, soak_minutes * 60)
+    return timings + served, memory
 
 
 def _dataset(args: argparse.Namespace) -> Dataset:
@@ -185,8 +236,14 @@ def _in_process(run: RunDir, uri: str, texts: list[str], images: list[bytes], co
         index.close()  # only one process may own a milvus-lite file
 
 
-def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes], concurrency: int, port: int) -> list[Timing]:
-    """The same queries over HTTP through the Serve app (one replica per deployment), sent from another process."""
+def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes], concurrency: int, port: int,
+                   soak_s: float = 0.0) -> tuple[list[Timing], list[tuple[str, dict[str, float]]]]:
+    """The same queries over HTTP through the Serve app (one replica per deployment), sent from another process;
+    then, with ``soak_s``, text and image searches mixed at ``concurrency`` clients for that long.
+
+    Also the replicas' memory: (moment, MB per deployment) after start-up, after the measurements and
+    every :data:`SOAK_SAMPLE_S` of the soak.
+    """
     import ray
     from ray import serve
 
@@ -197,25 +254,44 @@ def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes],
     one_replica = {"num_replicas": 1}
     options = {name: one_replica for name in ("ImageEncoder", "TextEncoder", "Hasher", "Index", "Ingress")}
     url = f"http://{HOST}:{port}"
-    cases = [("text", "/search/text", [{"json": {"text": text, "k": K}} for text in texts]),
-             ("image", "/search/image", [{"files": {"file": ("query.png", png)}, "data": {"k": K}} for png in images])]
+    cases = [("text", [(url + "/search/text", {"json": {"text": text, "k": K}}) for text in texts]),
+             ("image", [(url + "/search/image", {"files": {"file": ("query.png", png)}, "data": {"k": K}}) for png in images])]
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         serve.start(http_options={"host": HOST, "port": port})
         serve.run(build_app(run.path, uri, settings, options, host=HOST), name="medhash", route_prefix="/")
+        memory = [("after start-up", replica_memory_mb())]
         timings = []
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as client:
-            for query, route, posts in cases:
+            for query, posts in cases:
                 if not posts:
                     continue
-                client.submit(post_all, url + route, posts[:WARMUP], 1).result(timeout=600)
+                client.submit(post_all, posts[:WARMUP], 1).result(timeout=600)
                 for workers in dict.fromkeys((1, concurrency)):
-                    measured = client.submit(post_all, url + route, posts, workers).result(timeout=3600)
+                    measured = client.submit(post_all, posts, workers).result(timeout=3600)
                     timings.append(summarize("Ray Serve", query, workers, *measured))
-        return timings
+            memory.append(("after the measurements", replica_memory_mb()))
+            if soak_s > 0:
+                mixed = [post for pair in zip(*(posts for _, posts in cases if posts)) for post in pair]
+                soak = client.submit(post_all, mixed, concurrency, REQUEST_TIMEOUT_S, soak_s)
+                started = time.monotonic()
+                while not wait([soak], timeout=SOAK_SAMPLE_S).done:
+                    memory.append((f"soak, {(time.monotonic() - started) / 60:.1f} min", replica_memory_mb()))
+                timings.append(summarize("Ray Serve soak", "text+image", concurrency, *soak.result()))
+        return timings, memory
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def format_memory(memory: list[tuple[str, dict[str, float]]]) -> str:
+    """Replica memory per deployment (columns) at each moment (rows)."""
+    names = sorted({name for _, row in memory for name in row})
+    lines = ["| moment | " + " | ".join(f"{n} MB" for n in names) + " | total MB |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    lines += [f"| {moment} | " + " | ".join(f"{row.get(n, 0):.0f}" for n in names) + f" | {sum(row.values()):.0f} |"
+              for moment, row in memory]
+    return "\n".join(lines)
 
 
 def format_report(timings: list[Timing]) -> str:

@@ -226,6 +226,16 @@ async def _bad_option(request: Request, exc: ConfigError) -> JSONResponse:
     return error_response(400, "bad_option", str(_cause(exc)))
 
 
+class IndexUnavailable(Exception):
+    """The index replica did not answer (e.g. its milvus-lite process died and Serve is restarting it)."""
+
+
+@api.exception_handler(IndexUnavailable)
+async def _index_down(request: Request, exc: IndexUnavailable) -> JSONResponse:
+    return error_response(503, "index_unavailable", "the index is not answering; retry in a few seconds",
+                          headers={"Retry-After": "5"})
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
@@ -306,10 +316,19 @@ class Ingress:
             return self.bits[-1]
         return check_code_length(bits, self.bits)
 
+    async def _index(self, method: str, *args):
+        """One call to the Index deployment; a failure that is not the request's own fault is a 503."""
+        try:
+            return await getattr(self.index, method).remote(*args)
+        except Exception as exc:
+            if isinstance(_cause(exc), (DataError, ConfigError)):
+                raise
+            raise IndexUnavailable() from exc
+
     async def _search(self, codes: dict[int, bytes], bits: int, k: int, direction: str, labels, view) -> dict:
         query = np.frombuffer(codes[bits], dtype=np.uint8)[None, :]
         with prometheus.stage("search"):
-            hits = await self.index.search.remote(bits, query, k, DIRECTIONS[direction], tuple(labels), view or None)
+            hits = await self._index("search", bits, query, k, DIRECTIONS[direction], tuple(labels), view or None)
         return {"bits": bits, "direction": direction, "results": [_hit_json(h) for h in hits[0]]}
 
     async def _encode_image(self, data: bytes, name: str) -> dict[int, bytes]:
@@ -383,7 +402,7 @@ class Ingress:
             self._write_image(Path(image_ref), image_data)
         try:
             with prometheus.stage("insert"):
-                await self.index.upsert_item.remote(records)
+                await self._index("upsert_item", records)
         except Exception:
             if new_file:
                 Path(image_ref).unlink(missing_ok=True)
@@ -408,7 +427,7 @@ class Ingress:
         partial.replace(path)
 
     async def _records(self, item_id: str) -> list:
-        hits = await self.index.get.remote(item_id)
+        hits = await self._index("get", item_id)
         if not hits:
             raise HTTPException(404, f"no item with id {item_id!r}")
         return hits
@@ -452,7 +471,7 @@ class Ingress:
     @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
     async def metrics_text(self) -> Response:
         for bits in self.bits:
-            prometheus.INDEX_SIZE.labels(str(bits)).set(await self.index.count.remote(bits))
+            prometheus.INDEX_SIZE.labels(str(bits)).set(await self._index("count", bits))
         return Response(prometheus.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

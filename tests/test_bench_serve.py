@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medhash.benchmarks.serve_speed import format_report, post_all, summarize
+from medhash.benchmarks.serve_speed import format_memory, format_report, post_all, summarize
 
 
 def test_summary_of_known_latencies():
@@ -48,11 +48,33 @@ def test_post_all_against_a_local_server_counts_successes_and_errors():
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/search/text"
-        posts = [{"json": {"text": f"query {i}"}} for i in range(20)] + [{"json": {"text": ""}}] * 3
-        latencies, errors, wall_s = post_all(url, posts, concurrency=4, timeout_s=10)
+        posts = [(url, {"json": {"text": f"query {i}"}}) for i in range(20)] + [(url, {"json": {"text": ""}})] * 3
+        latencies, errors, wall_s = post_all(posts, concurrency=4, timeout_s=10)
     finally:
         server.shutdown()
         server.server_close()
     assert len(latencies) == 20 and errors == 3
     assert all(0 < latency <= wall_s for latency in latencies)
     assert sorted(body["text"] for body in Handler.bodies if body["text"]) == sorted(f"query {i}" for i in range(20))
+
+
+def test_post_all_for_a_time_cycles_through_the_posts_until_the_deadline():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Handler.bodies = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/search/text"
+        posts = [(url, {"json": {"text": "a"}}), (url, {"json": {"text": ""}})]
+        latencies, errors, wall_s = post_all(posts, concurrency=2, timeout_s=10, seconds=0.5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 0.5 <= wall_s < 5
+    assert len(latencies) > 2 and errors > 2  # each thread went round its share more than once
+    assert len(Handler.bodies) == len(latencies) + errors
+
+
+def test_memory_table_has_a_column_per_deployment_and_a_total():
+    table = format_memory([("after start-up", {"Hasher": 100.0, "Index": 50.0}), ("soak, 1.0 min", {"Hasher": 101.0, "Index": 52.4})])
+    assert "| moment | Hasher MB | Index MB | total MB |" in table
+    assert "| soak, 1.0 min | 101 | 52 | 153 |" in table

@@ -450,6 +450,32 @@ def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_
     assert requests.post(f"{url}/search/text", json={"text": "chest"}, timeout=60).status_code == 200
 
 
+def index_replica():
+    from medhash.benchmarks.serve_speed import replica_processes
+
+    (replica,) = replica_processes()["Index"]
+    return replica
+
+
+def test_the_index_replica_is_restarted_when_its_milvus_lite_process_dies(served, tiny_run, index_uri, dataset):
+    url = start(tiny_run, index_uri, served["port"], require_auth=False)
+    query = {"text": query_items(dataset)[0].report, "k": 5}
+    before = requests.post(f"{url}/search/text", json=query, timeout=60).json()
+    counts = requests.get(f"{url}/healthz", timeout=30).json()["records"]
+    replica = index_replica()
+    milvus = [p for p in replica.children(recursive=True) if "milvus" in " ".join(p.cmdline())]
+    assert milvus, "the Index replica runs no milvus-lite process"
+    for process in milvus:
+        process.kill()
+    down = requests.post(f"{url}/search/text", json=query, timeout=120)
+    assert down.status_code == 503 and down.headers["Retry-After"] and "index" in down.json()["error"]
+    back = wait_for(lambda: requests.post(f"{url}/search/text", json=query, timeout=60).status_code == 200, 120)
+    print(f"\nIndex: answering again {back:.1f} s after its milvus-lite process was killed")
+    assert index_replica().pid != replica.pid
+    assert requests.get(f"{url}/healthz", timeout=30).json()["records"] == counts
+    assert requests.post(f"{url}/search/text", json=query, timeout=60).json() == before
+
+
 def test_ingest_speed_benchmark_indexes_every_item_and_reports_both_passes(tiny_run, dataset):
     from medhash.benchmarks.ingest_speed import format_report, measure_ingest_speed
 
