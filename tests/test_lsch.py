@@ -59,6 +59,16 @@ def test_shapes_and_codes():
         model.hash_probs(vx, 64)
 
 
+def test_the_soft_prompt_starts_from_the_runs_seed():
+    def soft_prompt(seed: int) -> torch.Tensor:
+        llm, tokenizer = tiny_causal_lm(hidden_size=32)  # the same LLM weights every time
+        cfg = load_config(None, {"codes.bits": (16,), "train.seed": seed, "method_params": {"lsch": FAST}})
+        return LSCH(cfg, IMAGE_DIM, TEXT_DIM, 0, llm, tokenizer).prompted.soft_prompt.detach()
+
+    assert torch.equal(soft_prompt(1), soft_prompt(1))
+    assert not torch.equal(soft_prompt(0), soft_prompt(1))
+
+
 def test_llm_is_frozen_and_only_prompts_projections_heads_train():
     model = build()
     llm_before = {n: p.detach().clone() for n, p in model.prompted.llm.named_parameters()}
@@ -303,3 +313,21 @@ def test_real_gemma_forward_backward():
     loss.backward()
     assert np.isfinite(parts["total"]) and model.prompted.soft_prompt.grad.abs().sum() > 0
     assert all(p.grad is None for p in llm.parameters())
+
+
+@pytest.mark.real
+def test_real_gemma_without_its_weights_hashes_as_the_full_model(tmp_path):
+    """What the Hasher deployment loads: the run's trainable state on an LLM of shapes only."""
+    from medhash.services.methods import load_trained
+    from medhash.services.run_dir import RunDir
+
+    cfg = load_config(None, {"codes.bits": (16, 64), "llm.num_layers": 2})
+    model = LSCH.build(cfg, 1280, 384).eval()
+    run = RunDir(tmp_path / "run")
+    run.write(cfg, model.state_dict_trainable(), [], [], {"image_dim": 1280, "text_dim": 384})
+    _, hashing_only = load_trained(run, frozen_weights=False)
+    assert all(p.is_meta for p in hashing_only.prompted.llm.parameters())
+    with torch.no_grad():
+        v = model.embed_text(F.normalize(torch.randn(4, 384), dim=1))
+        for bits in cfg.codes.bits:
+            assert torch.equal(model.codes(v, bits), hashing_only.codes(v, bits))

@@ -9,7 +9,9 @@ and the best state on dev (the model a run publishes). The query split is never 
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ from medhash.services.methods import build_model, embed, hash_codes
 from medhash.services.methods.base import FIT, Batch
 
 STATE_FILE = "state.pt"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +47,7 @@ def train_loop(config: dict) -> None:
     """Ray Train entry point; ``config`` holds the validated config dict and the FeatureSet."""
     cfg = MedhashConfig.model_validate(config["cfg"])
     data: FeatureSet = config["features"]
+    _quiet_ray_train()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -75,7 +79,7 @@ def train_loop(config: dict) -> None:
         state.history.append(record)
         state.epoch = epoch + 1
         if rank == 0:
-            print(_progress_line(record, len(stages)), flush=True)
+            log.info(_progress_line(record, len(stages)))
         _report(record, state, model, optimizer, rank)
 
 
@@ -192,6 +196,14 @@ def _progress_line(record: dict, n_epochs: int) -> str:
     return f"epoch {record['epoch'] + 1}/{n_epochs} [{record['stage']}] {losses} dev_map={record['dev_map']:.3f}"
 
 
+def _quiet_ray_train() -> None:
+    """Ray Train logs a line per checkpoint and per report at INFO; the epoch line already says it."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    context = sys.modules.get("ray.train.v2._internal.execution.context")
+    if context is not None:  # its logger is named by its file path, outside "ray.train"
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _restore(model, optimizer: torch.optim.Optimizer | None) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -203,7 +215,7 @@ def _restore(model, optimizer: torch.optim.Optimizer | None) -> TrainState:
         optimizer.load_state_dict(saved["optimizer"])
     state: TrainState = saved["state"]
     state.resumed_at.append(state.epoch)
-    print(f"resuming from the checkpoint of epoch {state.epoch - 1}", flush=True)
+    log.info("resuming from the checkpoint of epoch %d", state.epoch - 1)
     return state
 
 

@@ -146,6 +146,7 @@ class LSCH(HashModel):
                 n_virtual_tokens=p.n_virtual_tokens if p.use_soft_prompt else 0,
                 pooling=p.pooling,
                 lora_rank=p.lora_rank,
+                seed=cfg.train.seed,  # the soft prompt's initial tokens follow the run's seed
             )
             dim, token_scale = self.prompted.hidden_size, self.prompted.token_scale
         else:
@@ -286,7 +287,7 @@ def hashing_loss(
         + params.beta * (terms["quantization"] + terms["balance"])
         + params.classification_weight * terms.get("classification", 0.0)
     )
-    parts = {name: float(value) for name, value in terms.items()}
+    parts = {name: float(torch.as_tensor(value).detach()) for name, value in terms.items()}
     parts["total"] = float(total.detach())
     return total, parts
 

@@ -62,9 +62,12 @@ class PromptedLLM(nn.Module):
         self.llm = llm.eval()
         self.pooling = pooling
         table = llm.get_input_embeddings()
-        embed_scale = float(getattr(table, "embed_scale", 1.0))  # Gemma scales embeddings by sqrt(d)
         weight = table.weight.detach()
-        self.token_scale = float("nan") if weight.is_meta else float(weight.float().pow(2).mean().sqrt()) * embed_scale
+        if weight.is_meta:
+            self.token_scale = float("nan")
+        else:
+            embed_scale = float(getattr(table, "embed_scale", 1.0))  # Gemma scales embeddings by sqrt(d)
+            self.token_scale = float(weight.float().pow(2).mean().sqrt()) * embed_scale
         """RMS of one coordinate of an input embedding: the scale content tokens are brought to (NaN
         for an LLM built without weights, which cannot embed)."""
 
