@@ -11,6 +11,7 @@ import yaml
 
 from medhash.benchmarks.quality import DEFAULT_METHODS, compare, tables
 from medhash.services.registry import method_names
+from medhash.services.run_dir import RunDir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
@@ -32,25 +33,47 @@ def test_tables_report_mean_std_gain_and_wall_time():
     assert "lsch 11 s, dcmh 4 s, float-dual 1 s" in report
 
 
+def test_a_gain_inside_the_seed_spread_is_reported_as_no_difference():
+    rows = [("lsch", 0, fake_results(0.60), 1.0), ("lsch", 1, fake_results(0.70), 1.0),
+            ("dcmh", 0, fake_results(0.62), 1.0), ("dcmh", 1, fake_results(0.64), 1.0)]
+    report = tables(rows, (32,), ["lsch", "dcmh"])
+    assert "I2T 32: +3.2% vs dcmh (within the seed spread: no difference)" in report
+
+
 def test_every_method_is_registered_and_compared_by_default():
     assert set(DEFAULT_METHODS) == set(method_names())
+
+
+def swapped_split_file(config: Path, path: Path) -> Path:
+    """The dataset's official split with dev and query swapped, as a split file."""
+    from medhash.services.config import load_config
+    from medhash.services.data import open_dataset
+
+    swap = {"dev": "query", "query": "dev"}
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "split"])
+        writer.writerows((item.id, swap.get(item.split, item.split)) for item in open_dataset(load_config(config).data).items)
+    return path
 
 
 @pytest.mark.real
 def test_every_method_trains_through_ray_train_on_tiny_data_and_beats_random_codes(shared_data, tmp_path):
     import ray
 
-    raw = yaml.safe_load((CONFIGS / "medpix2-baselines.yaml").read_text())
+    raw = yaml.safe_load((CONFIGS / "medpix2-baselines-tiny.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
-    raw["train"].update(limit_items=60, batch_size=16, epochs=20)
-    raw["method_params"]["msach"]["feature_epochs"] = 4
+    raw["train"]["limit_items"] = 60  # CI's time
     (tmp_path / "baselines.yaml").write_text(yaml.safe_dump(raw))
+    split_file = swapped_split_file(tmp_path / "baselines.yaml", tmp_path / "split.csv")  # an evaluator's own split
     methods = [m for m in DEFAULT_METHODS if m != "lsch"]  # LSCH's own Ray Train tests are in test_training.py
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        report = compare(methods, (16, 32), (0,), {"lsch": None, "baselines": tmp_path / "baselines.yaml"}, tmp_path / "q")
+        report = compare(methods, (16, 32), (0,), {"lsch": None, "baselines": tmp_path / "baselines.yaml"},
+                         tmp_path / "q", split_file=split_file)
     finally:
         ray.shutdown()
+    assert RunDir(tmp_path / "q" / "dcmh" / "seed0").config().data.split_file == split_file
     with (tmp_path / "q" / "quality.csv").open() as file:
         rows = [r for r in csv.DictReader(file) if r["protocol"] == "labels" and r["metric"] == "map@all"]
     assert (tmp_path / "q" / "map_vs_bits.png").stat().st_size > 0 and "### labels protocol" in report
