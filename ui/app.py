@@ -2,7 +2,7 @@
 
 Two tabs share the same controls (k, what to return, label and view filters). An image query
 shows the most similar reports (and images); a findings query shows matching images in a gallery
-and every result as a card: thumbnail, Hamming distance, labels, report text, patient and study ids.
+and every result as a card: thumbnail, bits that agree with the query's code, labels, report text, patient and study ids.
 The app holds no model and no index: everything goes through :class:`~medhash.ui.client.SearchClient`.
 Nothing a user types or uploads is logged.
 """
@@ -13,6 +13,7 @@ import html
 import io
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a hospital network
@@ -60,18 +61,26 @@ def data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def result_cards(results: list[dict], thumbnails: dict[str, Image.Image]) -> str:
-    """HTML, one card per result, every field escaped."""
+def agreement(distance: int, bits: int) -> str:
+    """A Hamming distance as people read it: how many of the code's bits agree."""
+    return f"{bits - distance}/{bits} bits agree"
+
+
+def result_cards(results: list[dict], thumbnails: dict[str, Image.Image], bits: int) -> str:
+    """HTML, one card per result, every field escaped. Results come ordered by distance, equal
+    distances by id (the API's rule); a card says when its similarity is shared by others."""
     if not results:
         return "<p>No results: try fewer filters.</p>"
+    ties = Counter(r["distance"] for r in results)
     cards = []
     for rank, r in enumerate(results, 1):
         image = thumbnails.get(r["id"])
         picture = f'<img src="{data_uri(image)}" alt="image of {html.escape(r["id"])}">' if image else ""
         labels = "".join(f'<span class="label">{html.escape(label)}</span>' for label in r.get("labels", []))
+        tied = f" · tied with {ties[r['distance']] - 1} other{'s' if ties[r['distance']] > 2 else ''}" if ties[r["distance"]] > 1 else ""
         cards.append(
             f'<div class="medhash-card" data-id="{html.escape(r["id"])}">{picture}<div>'
-            f'<b>#{rank} {html.escape(r["id"])}</b> · {html.escape(r["modality"])} · Hamming distance {r["distance"]}'
+            f'<b>#{rank} {html.escape(r["id"])}</b> · {html.escape(r["modality"])} · {agreement(r["distance"], bits)}{tied}'
             f'<div class="meta">patient {html.escape(r.get("patient_id") or "-")} · study {html.escape(r.get("study_id") or "-")}'
             f'{" · view " + html.escape(r["view"]) if r.get("view") else ""}</div>'
             f"<div>{labels}</div><p>{html.escape(r.get('snippet') or '')}</p></div></div>"
@@ -85,7 +94,8 @@ class SearchApp:
     def __init__(self, client: SearchClient, cfg: UIConfig):
         self.client, self.cfg = client, cfg
 
-    def _present(self, results: list[dict]) -> tuple[str, list, str]:
+    def _present(self, answer: dict) -> tuple[str, list, str]:
+        results, bits = answer["results"], answer["bits"]
         thumbnails = {}
         for r in results:
             if r.get("image_url") and r["id"] not in thumbnails:
@@ -94,11 +104,11 @@ class SearchApp:
                 except (ApiError, UnidentifiedImageError, OSError):
                     pass  # the card shows without its picture
         gallery = [
-            (thumbnails[r["id"]], f'{r["id"]} · d={r["distance"]}')
+            (thumbnails[r["id"]], f'{r["id"]} · {agreement(r["distance"], bits)}')
             for r in results if r["modality"] == "image" and r["id"] in thumbnails
         ]
-        status = f"{len(results)} results" if results else "No results"
-        return status, gallery, result_cards(results, thumbnails)
+        status = f"{len(results)} results ({bits}-bit codes; equal similarity ordered by id)" if results else "No results"
+        return status, gallery, result_cards(results, thumbnails, bits)
 
     def _query(self, k, direction, labels, view) -> SearchQuery:
         return SearchQuery(

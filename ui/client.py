@@ -51,18 +51,19 @@ class SearchClient:
     def labels(self) -> list[str]:
         return self._call("GET", "/labels").json()["labels"]
 
-    def search_image(self, data: bytes, filename: str, query: SearchQuery) -> list[dict]:
+    def search_image(self, data: bytes, filename: str, query: SearchQuery) -> dict:
+        """The API's answer: ``bits`` (the code length searched), ``direction`` and ``results``."""
         form = {"k": query.k, "direction": query.direction, "labels": list(query.labels)}  # one field per label
         if query.view:
             form["view"] = query.view
-        answer = self._call("POST", "/search/image", files={"file": (filename, data)}, data=form)
-        return answer.json()["results"]
+        return self._call("POST", "/search/image", files={"file": (filename, data)}, data=form).json()
 
-    def search_text(self, text: str, query: SearchQuery) -> list[dict]:
+    def search_text(self, text: str, query: SearchQuery) -> dict:
+        """As :meth:`search_image`, for report text."""
         body = {"text": text, "k": query.k, "direction": query.direction, "labels": list(query.labels)}
         if query.view:
             body["view"] = query.view
-        return self._call("POST", "/search/text", json=body).json()["results"]
+        return self._call("POST", "/search/text", json=body).json()
 
     def image(self, image_url: str) -> bytes:
         """The PNG bytes behind a result's ``image_url`` (a path on the API)."""
