@@ -233,8 +233,12 @@ class CodeIndex:
         return int(rows[0]["count(*)"])
 
     def close(self) -> None:
-        """Release the connection (and, for milvus-lite, the file)."""
+        """Release the connection (and, for milvus-lite, stop its server process, which holds the file's lock)."""
         self._client.close()
+        if not self.is_server:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(str(Path(self.uri).expanduser().resolve()))
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -169,6 +169,14 @@ def test_second_process_is_refused_with_a_clear_message(filled):
     assert f"another process owns {path}" in result.stderr and "Milvus server URI" in result.stderr
 
 
+def test_closing_releases_the_file_to_another_process(tmp_path):
+    path = tmp_path / "index.db"
+    CodeIndex(str(path), [64]).close()  # this process keeps running
+    script = f"from medhash.services.index import CodeIndex\nCodeIndex({str(path)!r}, [64]).close()"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_default_uri_lives_in_the_cache(medhash_cache):
     assert resolve_uri(IndexConfig()) == str(medhash_cache / "index" / "medhash.db")
     assert resolve_uri(IndexConfig(uri="http://milvus:19530")) == "http://milvus:19530"
