@@ -12,7 +12,9 @@ backbone and the method's branch (on the GPU it was given, if any), the Hasher t
 without the frozen LLM. Inputs are validated once, at the ingress and the encoders, per request.
 
 Routes: ``POST /search/image`` (multipart), ``POST /search/text`` (JSON), ``POST /ingest``,
-``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``GET /healthz``, ``GET /metrics``, docs at ``/docs``.
+``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``POST /judgments``, ``GET /judgments`` (CSV),
+``GET /healthz``, ``GET /metrics``, docs at ``/docs``. A search answer names its query by a SHA-256
+fingerprint (``query.sha256``), which a judgment of one of its hits refers to.
 Errors are JSON ``{"error": "..."}`` with a 4xx status; a bad request never touches the index.
 :func:`build_app` builds the application from a run directory; :func:`app_builder` is the
 ``import_path`` of a Serve config file (deploy/serve.yaml).
@@ -43,6 +45,7 @@ from medhash.serving import prometheus
 from medhash.serving.config import DeploymentResources, ServeConfig, ServingConfig, load_serving_config
 from medhash.services.config import IndexConfig, cache_root, check_code_length, override
 from medhash.services.errors import ConfigError, DataError
+from medhash.services.judgments import JudgmentStore, fingerprint, to_csv
 from medhash.services.run_dir import RunDir
 
 LOCALHOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -195,6 +198,17 @@ class Guard:
     max_request_bytes: int
 
 
+class JudgmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(description="the logged-in user who judged")
+    query_modality: Literal["image", "text"]
+    query_sha256: str = Field(description="the search answer's query.sha256")
+    item_id: str
+    item_modality: Literal["image", "text"]
+    verdict: Literal["relevant", "not_relevant"]
+
+
 class TextSearch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -299,8 +313,10 @@ class Ingress:
         label_names: list[str],
         cfg: ServeConfig,
         token: str | None,
+        judgments_db: str,
     ):
         self.image_encoder, self.text_encoder, self.index = image_encoder, text_encoder, index
+        self.judgments = JudgmentStore(judgments_db)
         self.bits, self.label_names, self.cfg = tuple(sorted(bits)), list(label_names), cfg
         self.image_store = Path(cfg.image_store or cache_root() / "serve-images")
         api.state.guard = Guard(token, cfg.max_request_bytes)
@@ -325,11 +341,12 @@ class Ingress:
                 raise
             raise IndexUnavailable() from exc
 
-    async def _search(self, codes: dict[int, bytes], bits: int, k: int, direction: str, labels, view) -> dict:
-        query = np.frombuffer(codes[bits], dtype=np.uint8)[None, :]
+    async def _search(self, codes: dict[int, bytes], bits: int, k: int, direction: str, labels, view,
+                      query: dict) -> dict:
+        packed = np.frombuffer(codes[bits], dtype=np.uint8)[None, :]
         with prometheus.stage("search"):
-            hits = await self._index("search", bits, query, k, DIRECTIONS[direction], tuple(labels), view or None)
-        return {"bits": bits, "direction": direction, "results": [_hit_json(h) for h in hits[0]]}
+            hits = await self._index("search", bits, packed, k, DIRECTIONS[direction], tuple(labels), view or None)
+        return {"bits": bits, "direction": direction, "query": query, "results": [_hit_json(h) for h in hits[0]]}
 
     async def _encode_image(self, data: bytes, name: str) -> dict[int, bytes]:
         with prometheus.stage("encode_image"):
@@ -354,14 +371,16 @@ class Ingress:
         view: Annotated[str | None, Form()] = None,
     ) -> dict:
         bits = self._check(k, bits, labels, view)
-        codes = await self._encode_image(await file.read(), file.filename or "upload")
-        return await self._search(codes, bits, k, direction, labels, view)
+        data = await file.read()
+        codes = await self._encode_image(data, file.filename or "upload")
+        return await self._search(codes, bits, k, direction, labels, view, {"modality": "image", "sha256": fingerprint(data)})
 
     @api.post("/search/text", summary="Search with report text")
     async def search_text(self, query: TextSearch) -> dict:
         bits = self._check(query.k, query.bits, query.labels, query.view)
         codes = await self._encode_text(query.text)
-        return await self._search(codes, bits, query.k, query.direction, query.labels, query.view)
+        return await self._search(codes, bits, query.k, query.direction, query.labels, query.view,
+                                  {"modality": "text", "sha256": fingerprint(query.text)})
 
     @api.post("/ingest", summary="Add or replace one item: an image and / or its report")
     async def ingest(
@@ -453,6 +472,20 @@ class Ingress:
         image.save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type="image/png")
 
+    @api.post("/judgments", status_code=201, summary="Store one user's verdict on one hit of a search")
+    async def judge(self, judgment: JudgmentIn) -> dict:
+        """The query is named by the ``query`` fingerprint of its search answer, never by its content."""
+        await self._records(judgment.item_id)  # 404 for an item the index does not hold
+        stored = await asyncio.to_thread(self.judgments.add, **judgment.model_dump())
+        return asdict(stored)
+
+    @api.get("/judgments", summary="Every judgment as CSV (the file `medhash eval --judgments` reads)",
+             response_class=Response)
+    async def judgments_csv(self) -> Response:
+        rows = await asyncio.to_thread(self.judgments.all)
+        return Response(to_csv(rows), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="judgments.csv"'})
+
     @api.get("/healthz", summary="Readiness: 200 once the encoders and the index answer, else 503")
     async def healthz(self) -> Response:
         try:
@@ -502,6 +535,15 @@ def index_settings(index: IndexConfig, milvus_uri: str | None = None) -> IndexCo
     from medhash.services.index import resolve_uri
 
     return override(index, {"uri": milvus_uri or resolve_uri(index)})
+
+
+def judgments_path(cfg: ServeConfig, index_uri: str) -> Path:
+    """Where relevance judgments are kept: ``serve.judgments_db``, else beside a milvus-lite file, else the cache."""
+    if cfg.judgments_db:
+        return Path(cfg.judgments_db).expanduser()
+    if is_server_uri(index_uri):
+        return cache_root() / "judgments.sqlite"
+    return Path(index_uri).with_suffix(".judgments.sqlite")
 
 
 def auth_token(cfg: ServeConfig, host: str | None) -> str | None:
@@ -565,6 +607,7 @@ def build_app(
         run.label_names(),
         cfg,
         token,
+        str(judgments_path(cfg, index_cfg.uri)),
     )
 
 

@@ -48,6 +48,8 @@ class ServeConfig(Section):
     index: DeploymentResources = DeploymentResources(max_replicas=1)  # > 1 only with a Milvus server URI
     ingress: DeploymentResources = DeploymentResources(max_replicas=1)  # /metrics is per ingress replica (docs/deploy.md)
     image_store: Path | None = None  # uploaded images; None: <medhash cache>/serve-images
+    judgments_db: Path | None = None  # SQLite file of relevance judgments; None: next to a milvus-lite file
+    # (<name>.judgments.sqlite), else <medhash cache>/judgments.sqlite. Ingress replicas must share its filesystem.
 
 
 class ServingConfig(Section):

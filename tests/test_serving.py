@@ -450,6 +450,33 @@ def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_
     assert requests.post(f"{url}/search/text", json={"text": "chest"}, timeout=60).status_code == 200
 
 
+def test_a_judgment_of_a_hit_is_stored_exported_and_kept_across_a_restart(served, tiny_run, index_uri, dataset, tmp_path):
+    from medhash.services.judgments import fingerprint, read_judgments
+
+    url = start(tiny_run, index_uri, served["port"], require_auth=False)
+    item = query_items(dataset)[0]
+    answer = requests.post(f"{url}/search/text", json={"text": item.report, "k": 3}, timeout=60).json()
+    assert answer["query"] == {"modality": "text", "sha256": fingerprint(item.report)}
+    hit = answer["results"][0]
+    judgment = {"user": "alice", "query_modality": "text", "query_sha256": answer["query"]["sha256"],
+                "item_id": hit["id"], "item_modality": hit["modality"], "verdict": "relevant"}
+    for user in ("alice", "bob"):  # two users, two rows
+        stored = requests.post(f"{url}/judgments", json={**judgment, "user": user}, timeout=30)
+        assert stored.status_code == 201 and stored.json()["user"] == user and stored.json()["judged_at"]
+    missing = requests.post(f"{url}/judgments", json={**judgment, "item_id": "no-such-item"}, timeout=30)
+    assert missing.status_code == 404
+    bad = requests.post(f"{url}/judgments", json={**judgment, "verdict": "maybe"}, timeout=30)
+    assert bad.status_code == 422
+    start(tiny_run, index_uri, served["port"], require_auth=False)  # a restart keeps them
+    export = requests.get(f"{url}/judgments", timeout=30)
+    assert export.status_code == 200 and export.headers["content-type"].startswith("text/csv")
+    (tmp_path / "judgments.csv").write_text(export.text, encoding="utf-8")
+    rows = read_judgments(tmp_path / "judgments.csv")
+    assert [(r.user, r.item_id, r.verdict) for r in rows[-2:]] == [("alice", hit["id"], "relevant"), ("bob", hit["id"], "relevant")]
+    assert item.report not in export.text  # the query is its fingerprint, never its text
+    assert read_judgments(Path(index_uri).with_suffix(".judgments.sqlite")) == rows  # the file next to the index
+
+
 def index_replica():
     from medhash.benchmarks.serve_speed import replica_processes
 

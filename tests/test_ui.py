@@ -14,6 +14,9 @@ import pytest
 import requests
 import yaml
 
+from medhash.services.config import load_config
+from medhash.services.data import open_dataset
+from medhash.services.features.featureset import limit_per_split
 from medhash.ui.config import UIConfig, UIError
 from medhash.ui.app import SearchApp, result_cards, users_from
 from medhash.ui.client import SearchClient
@@ -81,7 +84,7 @@ def test_cards_say_when_a_similarity_is_shared():
 
 def test_an_unreachable_api_and_empty_inputs_get_clear_messages(tmp_path):
     app = SearchApp(SearchClient(f"http://127.0.0.1:{free_port()}", timeout_s=5), UIConfig(max_upload_bytes=1024))
-    status, gallery, cards = app.search_text("pleural effusion", 10, "Images", [], "")
+    status, gallery, cards, answer = app.search_text("pleural effusion", 10, "Images", [], "")
     assert "not reachable" in status and gallery == [] and cards == ""
     assert "Type a finding" in app.search_text("   ", 10, "Images", [], "")[0]
     assert "Upload an image" in app.search_image(None, 10, "Reports", [], "")[0]
@@ -112,8 +115,10 @@ def demo(shared_data, tmp_path_factory):
         env={**os.environ, "MEDHASH_UI_USERS": f"{USER}:{PASSWORD}"}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    run_items = limit_per_split(open_dataset(load_config(tmp / "cfg.yaml").data), raw["train"]["limit_items"]).items
     system = {"api": f"http://127.0.0.1:{api_port}", "ui": f"http://127.0.0.1:{ui_port}", "process": process,
-              "log": tmp / "demo.log"}
+              "log": tmp / "demo.log", "run": tmp / "run", "judgments": tmp / "index.judgments.sqlite",
+              "run_ids": {item.id for item in run_items}, "query_image": run_items[0].image_paths[0]}
     try:
         wait_for(lambda: requests.get(system["ui"], timeout=5).status_code == 200, 900, "the demo UI", process)
         yield system
@@ -194,14 +199,24 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
     WebDriverWait(browser, 180).until(
         lambda d: "Connected" in d.find_element(By.ID, "service-status").text, "the UI did not reach the API")
 
-    image = sorted((shared_data / "medpix2" / "images").glob("*.png"))[0]
-    upload_image(browser, image)
+    upload_image(browser, Path(demo["query_image"]))  # an image of a case the run was trained and evaluated on
     browser.find_element(By.ID, "image-search").click()
     cards = WebDriverWait(browser, 300).until(
         lambda d: find_all(d, "#image-results .medhash-card"), "no result cards for the image query")
     assert len(cards) == 10 and "bits agree" in cards[0].text and "text" in cards[0].text
     assert find_all(browser, "#image-results .medhash-card img")  # each report's study image as a thumbnail
     browser.save_screenshot(str(ARTIFACTS / "image-search.png"))
+
+    # judge the first hit that is one of the run's items (so `medhash eval --judgments` can score it)
+    choice = next(label for label in find_all(browser, "#image-judge-hit label")
+                  if label.text.split()[1] in demo["run_ids"] and "(text)" in label.text)
+    demo["judged"] = choice.text.split()[1]
+    choice.click()
+    browser.find_element(By.ID, "image-relevant").click()
+    saved = WebDriverWait(browser, 60).until(
+        lambda d: "Saved" in d.find_element(By.ID, "image-judge-status").text, "the judgment was not saved")
+    assert saved and f"judged relevant by {USER}" in browser.find_element(By.ID, "image-judge-status").text
+    browser.save_screenshot(str(ARTIFACTS / "judgment-saved.png"))
 
     next(t for t in find_all(browser, "button[role=tab]") if "findings" in t.text).click()
     query = WebDriverWait(browser, 60).until(lambda d: find_all(d, "#text-query textarea"), "no findings box")[0]
@@ -218,16 +233,16 @@ def test_gradio_client_searches_and_bad_input_leaves_the_service_working(demo, s
     from gradio_client import Client, handle_file
 
     client = Client(demo["ui"] + "/", auth=(USER, PASSWORD), verbose=False)
-    status, gallery, cards = client.predict("pleural effusion", 5, "Both", [], "", api_name="/search_text")
+    status, gallery, cards, *_ = client.predict("pleural effusion", 5, "Both", [], "", api_name="/search_text")
     assert status.startswith("5 results") and cards.count('class="medhash-card"') == 5
 
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("this is not an image")
-    status, _, cards = client.predict(handle_file(str(not_an_image)), 5, "Reports", [], "", api_name="/search_image")
+    status, _, cards, *_ = client.predict(handle_file(str(not_an_image)), 5, "Reports", [], "", api_name="/search_image")
     assert "refused the request (400)" in status and cards == ""
 
     image = sorted((shared_data / "medpix2" / "images").glob("*.png"))[1]
-    status, _, cards = client.predict(handle_file(str(image)), 5, "Reports", [], "", api_name="/search_image")
+    status, _, cards, *_ = client.predict(handle_file(str(image)), 5, "Reports", [], "", api_name="/search_image")
     assert status.startswith("5 results") and cards.count('class="medhash-card"') == 5
 
 
@@ -275,3 +290,20 @@ def test_stopping_the_demo_stops_the_service(demo):
         return False
 
     wait_for(api_down, 120, "the API to stop")
+
+
+@pytest.mark.real
+def test_a_judgment_outlives_the_service_and_counts_in_eval(demo, tmp_path):
+    """After the demo stopped (previous test): the browser's judgment is in the file and `medhash eval` scores it."""
+    from medhash.services.judgments import read_judgments
+
+    if "judged" not in demo:
+        pytest.skip("the browser test did not run, so nothing was judged")
+    rows = read_judgments(demo["judgments"])
+    assert [(r.user, r.item_id, r.item_modality, r.verdict) for r in rows] == [(USER, demo["judged"], "text", "relevant")]
+    done = subprocess.run([sys.executable, "-m", "medhash.services.cli", "eval", "--run", str(demo["run"]),
+                           "--out", str(tmp_path / "eval"), "--judgments", str(demo["judgments"])],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 judgments of 1 hits; 1 queries found in the dataset, 0 not" in done.stdout
+    assert "| 64 bits | I2T | 1 |" in done.stdout

@@ -3,6 +3,8 @@
 Two tabs share the same controls (k, what to return, label and view filters). An image query
 shows the most similar reports (and images); a findings query shows matching images in a gallery
 and every result as a card: thumbnail, bits that agree with the query's code, labels, report text, patient and study ids.
+Under the results the signed-in user can judge a hit relevant or not; the judgment goes to the API
+with the query's fingerprint from the search answer (never the query itself).
 The app holds no model and no index: everything goes through :class:`~medhash.ui.client.SearchClient`.
 Nothing a user types or uploads is logged.
 """
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_PX = 160
 DIRECTIONS = {"Reports": "reports", "Images": "images", "Both": "both"}
+VERDICT_NAMES = {"relevant": "relevant", "not_relevant": "not relevant"}
 CSS = """
 .medhash-card {display: flex; gap: 12px; padding: 8px; border-bottom: 1px solid #ddd;}
 .medhash-card img {width: 120px; height: 120px; object-fit: contain; background: #000;}
@@ -94,7 +97,7 @@ class SearchApp:
     def __init__(self, client: SearchClient, cfg: UIConfig):
         self.client, self.cfg = client, cfg
 
-    def _present(self, answer: dict) -> tuple[str, list, str]:
+    def _present(self, answer: dict) -> tuple[str, list, str, dict]:
         results, bits = answer["results"], answer["bits"]
         thumbnails = {}
         for r in results:
@@ -108,7 +111,7 @@ class SearchApp:
             for r in results if r["modality"] == "image" and r["id"] in thumbnails
         ]
         status = f"{len(results)} results ({bits}-bit codes; equal similarity ordered by id)" if results else "No results"
-        return status, gallery, result_cards(results, thumbnails, bits)
+        return status, gallery, result_cards(results, thumbnails, bits), answer
 
     def _query(self, k, direction, labels, view) -> SearchQuery:
         return SearchQuery(
@@ -116,27 +119,43 @@ class SearchApp:
             labels=tuple(labels or ()), view=(view or "").strip(),
         )
 
-    def search_image(self, path: str | None, k, direction, labels, view) -> tuple[str, list, str]:
+    def search_image(self, path: str | None, k, direction, labels, view) -> tuple[str, list, str, dict | None]:
+        """(status line, gallery, result cards, the API's answer or None)."""
         if not path:
-            return "Upload an image first (PNG, JPEG or DICOM).", [], ""
+            return "Upload an image first (PNG, JPEG or DICOM).", [], "", None
         file = Path(path)
         if file.stat().st_size > self.cfg.max_upload_bytes:
-            return f"The image is larger than the {self.cfg.max_upload_bytes // 2**20} MB limit.", [], ""
+            return f"The image is larger than the {self.cfg.max_upload_bytes // 2**20} MB limit.", [], "", None
         return self._run(lambda q: self.client.search_image(file.read_bytes(), file.name, q), k, direction, labels, view)
 
-    def search_text(self, text: str | None, k, direction, labels, view) -> tuple[str, list, str]:
+    def search_text(self, text: str | None, k, direction, labels, view) -> tuple[str, list, str, dict | None]:
         if not text or not text.strip():
-            return "Type a finding first, e.g. 'left lower lobe consolidation'.", [], ""
+            return "Type a finding first, e.g. 'left lower lobe consolidation'.", [], "", None
         return self._run(lambda q: self.client.search_text(text, q), k, direction, labels, view)
 
-    def _run(self, search, k, direction, labels, view) -> tuple[str, list, str]:
+    def _run(self, search, k, direction, labels, view) -> tuple[str, list, str, dict | None]:
         try:
             return self._present(search(self._query(k, direction, labels, view)))
         except ApiError as exc:
-            return str(exc), [], ""
+            return str(exc), [], "", None
         except Exception as exc:  # the page must always answer; the log gets the kind, never the input
             log.error("search failed: %s", type(exc).__name__)
-            return "The search failed unexpectedly; please try again.", [], ""
+            return "The search failed unexpectedly; please try again.", [], "", None
+
+    def judge(self, answer: dict | None, rank: str | None, verdict: str, user: str | None) -> str:
+        """Store ``user``'s verdict on hit number ``rank`` (1-based) of the last search ``answer``; a status line."""
+        if not answer or not answer.get("results"):
+            return "Search first, then judge its hits."
+        if not rank or not str(rank).isdigit() or not 1 <= int(rank) <= len(answer["results"]):
+            return "Choose the hit to judge."
+        if not user:
+            return "Sign in to judge hits."
+        hit = answer["results"][int(rank) - 1]
+        try:
+            self.client.judge(user, answer["query"], hit, verdict)
+        except ApiError as exc:
+            return str(exc)
+        return f"Saved: hit #{rank} ({hit['id']}, {hit['modality']}) judged {VERDICT_NAMES[verdict]} by {user}."
 
     def label_choices(self) -> tuple[dict, dict, str]:
         """Label filter choices for both tabs, and the service status line."""
@@ -151,13 +170,31 @@ class SearchApp:
 
 
 def _shown(handler):
-    """``handler`` with its gallery hidden when it has no images (a reports-only answer)."""
+    """``handler`` with its gallery hidden when it has no images (a reports-only answer), and the
+    answer kept for judging its hits."""
 
     def run(*inputs):
-        status, gallery, cards = handler(*inputs)
-        return status, gr.update(value=gallery, visible=bool(gallery)), cards
+        status, gallery, cards, answer = handler(*inputs)
+        hits = [(f"#{rank} {r['id']} ({r['modality']})", str(rank)) for rank, r in enumerate((answer or {}).get("results", []), 1)]
+        return (status, gr.update(value=gallery, visible=bool(gallery)), cards, answer,
+                gr.update(choices=hits, value=None), "")
 
     return run
+
+
+def _judging(app: SearchApp, tab: str, answer: gr.State):
+    """The hit chooser and verdict buttons under a tab's results."""
+    with gr.Row():
+        hit = gr.Radio([], label="Judge a hit of this search", elem_id=f"{tab}-judge-hit", scale=3)
+        buttons = {verdict: gr.Button(name.capitalize(), elem_id=f"{tab}-{verdict.replace('_', '-')}", scale=1)
+                   for verdict, name in VERDICT_NAMES.items()}
+    status = gr.Markdown(elem_id=f"{tab}-judge-status")
+    for verdict, button in buttons.items():
+        def judge(answer_value, rank, request: gr.Request, verdict=verdict):
+            return app.judge(answer_value, rank, verdict, getattr(request, "username", None))
+
+        button.click(judge, [answer, hit], status, api_name=False)
+    return hit, status
 
 
 def _controls(default_direction: str, cfg: UIConfig):
@@ -185,6 +222,8 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
             image_gallery = gr.Gallery(label="Similar images", columns=5, height="auto", elem_id="image-gallery",
                                        visible=False)
             image_cards = gr.HTML(elem_id="image-results")
+            image_answer = gr.State(None)
+            image_hit, image_judged = _judging(app, "image", image_answer)
         with gr.Tab("Search by findings"):
             text = gr.Textbox(label="Findings", placeholder="left lower lobe consolidation", lines=3, elem_id="text-query")
             text_controls = _controls("Images", cfg)
@@ -193,7 +232,10 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
             text_gallery = gr.Gallery(label="Matching images", columns=5, height="auto", elem_id="text-gallery",
                                       visible=False)
             text_cards = gr.HTML(elem_id="text-results")
-        image_outputs, text_outputs = [image_status, image_gallery, image_cards], [text_status, text_gallery, text_cards]
+            text_answer = gr.State(None)
+            text_hit, text_judged = _judging(app, "text", text_answer)
+        image_outputs = [image_status, image_gallery, image_cards, image_answer, image_hit, image_judged]
+        text_outputs = [text_status, text_gallery, text_cards, text_answer, text_hit, text_judged]
         image_button.click(_shown(app.search_image), [upload, *image_controls], image_outputs, api_name="search_image")
         text_button.click(_shown(app.search_text), [text, *text_controls], text_outputs, api_name="search_text")
         text.submit(_shown(app.search_text), [text, *text_controls], text_outputs, api_name=False)

@@ -65,6 +65,12 @@ class SearchClient:
             body["view"] = query.view
         return self._call("POST", "/search/text", json=body).json()
 
+    def judge(self, user: str, query: dict, hit: dict, verdict: str) -> dict:
+        """Store ``user``'s ``verdict`` (relevant | not_relevant) on ``hit`` of the search answer whose ``query`` it was."""
+        body = {"user": user, "query_modality": query["modality"], "query_sha256": query["sha256"],
+                "item_id": hit["id"], "item_modality": hit["modality"], "verdict": verdict}
+        return self._call("POST", "/judgments", json=body).json()
+
     def image(self, image_url: str) -> bytes:
         """The PNG bytes behind a result's ``image_url`` (a path on the API)."""
         return self._call("GET", image_url).content

@@ -15,12 +15,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--on", choices=("query", "dev"), default="query",
         help="query: the held-out queries against train+dev (to publish); dev: dev against train (to tune)",
     )
+    evaluate.add_argument("--judgments", type=Path,
+                          help="relevance judgments (the service's SQLite file or its GET /judgments CSV) to score as well")
     evaluate.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from medhash.services.evaluation.run import evaluate_run, results_table
 
-    results = evaluate_run(args.run, args.out, args.split_file, root=args.root, on=args.on)
+    results = evaluate_run(args.run, args.out, args.split_file, root=args.root, on=args.on, judgments=args.judgments)
     print(results_table(results))
     return 0

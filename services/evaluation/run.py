@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 
 def evaluate_run(
     run_path: Path, out: Path, split_file: Path | None = None, root: Path | None = None,
-    features: FeatureSet | None = None, on: str = "query",
+    features: FeatureSet | None = None, on: str = "query", judgments: Path | None = None,
 ) -> dict:
     """Evaluate the run in ``run_path`` on its dataset (optionally another split or data location).
 
     ``on`` "query" ranks the query split against the database (train + dev): the published numbers.
     ``on`` "dev" ranks the dev split against train only, so settings can be tuned without the queries.
+    ``judgments``: an SQLite judgments file or its CSV export, scored as well (``results["judgments"]``).
     """
     run = RunDir(run_path)
     cfg = run.config()
@@ -74,10 +75,31 @@ def evaluate_run(
             db_txt=c_db["text"], query_ids=features.ids[query], db_ids=features.ids[db], **labels,
         )
         plot_pr_curves(c_query, c_db, labels, bits, out / f"pr_{bits}.png")
+    if judgments is not None:
+        results["judgments"] = _judgment_scores(cfg, model, features, v, Path(judgments))
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (out / "results.md").write_text(results_table(results), encoding="utf-8")
     log.info("evaluation written to %s", out)
     return results
+
+
+def _judgment_scores(cfg, model, features: FeatureSet, v: dict, path: Path) -> dict:
+    """Every code length scored against the judgments in ``path`` over all the run's items."""
+    from medhash.services.data import open_dataset
+    from medhash.services.evaluation.judgments import score_judgments
+    from medhash.services.judgments import fingerprint, read_judgments
+
+    judgments = read_judgments(path)
+    rows = {str(item_id): row for row, item_id in enumerate(features.ids)}
+    fingerprints = {}
+    for item in open_dataset(cfg.data).items:
+        if item.id in rows:
+            fingerprints[("text", fingerprint(item.report))] = rows[item.id]
+            for image in item.image_paths:
+                fingerprints[("image", fingerprint(Path(image).read_bytes()))] = rows[item.id]
+    scores = {str(bits): score_judgments(judgments, fingerprints, features.ids, hash_codes(model, v, bits))
+              for bits in model.bits}
+    return {"file": str(path), "bits": scores}
 
 
 def results_table(results: dict) -> str:
@@ -97,8 +119,26 @@ def results_table(results: dict) -> str:
     return (
         f"{results['dataset']}: {results['queries']} queries, {results['database']} database items; "
         "MAP@all by Hamming ranking (ties by database index)\n\n" + "\n".join(lines)
-        + f"\n\nReference floors (no model): {floors}\n"
+        + f"\n\nReference floors (no model): {floors}\n" + judgments_table(results.get("judgments"))
     )
+
+
+def judgments_table(judged: dict | None) -> str:
+    """Markdown of the scores against human judgments (empty without them)."""
+    if not judged:
+        return ""
+    first = next(iter(judged["bits"].values()))
+    lines = [f"\nHuman judgments ({judged['file']}): {first['judgments']} judgments of {first['judged_hits']} hits; "
+             f"{first['queries']['resolved']} queries found in the dataset, {first['queries']['unresolved']} not "
+             "(uploads or texts that are no dataset item)\n",
+             "| codes | direction | queries | MAP@judged | P@1 | P@5 | P@10 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for bits, scores in judged["bits"].items():
+        for direction, m in scores["directions"].items():
+            lines.append(f"| {bits} bits | {direction.upper()} | {m['queries']} | {m['map@judged']:.3f} | "
+                         f"{m['p@1']:.3f} | {m['p@5']:.3f} | {m['p@10']:.3f} |")
+    if not first["directions"]:
+        lines.append("| - | - | 0 | no scored query: none with a relevant hit that is a dataset item | | | |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_pr_curves(c_query: dict, c_db: dict, labels: dict, bits: int, path: Path) -> None:
