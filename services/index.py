@@ -227,6 +227,23 @@ class CodeIndex:
                 found.setdefault(row["modality"], _hit(row, 0))
         return [found[m] for m in MODALITIES if m in found]
 
+    def related(self, item_id: str, limit: int = 50) -> list[Hit]:
+        """Other items of the same patient or study as ``item_id`` (one record each, image first), by id."""
+        own = self.get(item_id)
+        if not own:
+            return []
+        clauses = [f"{field} == {_literal(value)}" for field, value in
+                   (("patient_id", own[0].patient_id), ("study_id", own[0].study_id)) if value]
+        if not clauses:
+            return []
+        rows = self._client.query(self._collection(self._bits[0]), filter=" or ".join(clauses),
+                                  output_fields=_OUTPUT_FIELDS, limit=min(4 * limit, MAX_TOP_K))
+        found: dict[str, Hit] = {}
+        for row in sorted(rows, key=lambda r: (r["id"], MODALITIES.index(r["modality"]))):
+            if row["id"] != item_id:
+                found.setdefault(row["id"], _hit(row, 0))
+        return list(found.values())[:limit]
+
     def count(self, bits: int) -> int:
         """Number of records (both modalities) in the ``bits`` collection."""
         rows = self._client.query(self._collection(bits), filter="", output_fields=["count(*)"])

@@ -12,7 +12,7 @@ backbone and the method's branch (on the GPU it was given, if any), the Hasher t
 without the frozen LLM. Inputs are validated once, at the ingress and the encoders, per request.
 
 Routes: ``POST /search/image`` (multipart), ``POST /search/text`` (JSON), ``POST /ingest``,
-``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``POST /judgments``, ``GET /judgments`` (CSV),
+``POST /preview``, ``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``POST /judgments``, ``GET /judgments`` (CSV),
 ``GET /healthz``, ``GET /metrics``, docs at ``/docs``. A search answer names its query by a SHA-256
 fingerprint (``query.sha256``), which a judgment of one of its hits refers to.
 Errors are JSON ``{"error": "..."}`` with a 4xx status; a bad request never touches the index.
@@ -21,6 +21,7 @@ Errors are JSON ``{"error": "..."}`` with a 4xx status; a bad request never touc
 """
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import io
@@ -49,6 +50,8 @@ from medhash.services.judgments import JudgmentStore, fingerprint, to_csv
 from medhash.services.run_dir import RunDir
 
 LOCALHOSTS = {"127.0.0.1", "localhost", "::1"}
+RELATED_FIELDS = ("id", "modality", "view", "labels", "study_id", "image_url")  # of each related item in GET /items/{id}
+PREVIEW_PX = 512  # longest side of the image /preview returns
 READY_TIMEOUT_S = 5.0  # /healthz waits this long for the encoders and the index to answer
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")  # kept on a stored upload
 OPEN_PATHS = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -170,6 +173,9 @@ class IndexDeployment:
 
     def get(self, item_id: str):
         return self.index.get(item_id)
+
+    def related(self, item_id: str):
+        return self.index.related(item_id)
 
     def count(self, bits: int) -> int:
         return self.index.count(bits)
@@ -375,6 +381,20 @@ class Ingress:
         codes = await self._encode_image(data, file.filename or "upload")
         return await self._search(codes, bits, k, direction, labels, view, {"modality": "image", "sha256": fingerprint(data)})
 
+    @api.post("/preview", summary="The uploaded image as it is decoded for the encoder (DICOM windowed) and what it is")
+    async def preview(self, file: Annotated[UploadFile, File(description="the image to check")]) -> dict:
+        from medhash.services.data.images import describe_image
+
+        data, name = await file.read(), file.filename or "upload"
+        image, about = await asyncio.to_thread(describe_image, data, name, name.lower().endswith((".dcm", ".dicom")),
+                                               self.cfg.max_image_pixels)
+        shown = image.copy()
+        shown.thumbnail((PREVIEW_PX, PREVIEW_PX))
+        buffer = io.BytesIO()
+        shown.save(buffer, format="PNG")
+        return {"width": image.width, "height": image.height, "colour": image.mode == "RGB", **about,
+                "png_base64": base64.b64encode(buffer.getvalue()).decode()}
+
     @api.post("/search/text", summary="Search with report text")
     async def search_text(self, query: TextSearch) -> dict:
         bits = self._check(query.k, query.bits, query.labels, query.view)
@@ -411,7 +431,7 @@ class Ingress:
         records = {
             bits: [
                 IndexRecord(id=id, modality=m, code=codes[m][bits], patient_id=patient_id, study_id=study_id,
-                            labels=tuple(labels), view=view, snippet=(report or "")[:300], image_ref=image_ref)
+                            labels=tuple(labels), view=view, snippet=report or "", image_ref=image_ref)
                 for m in codes
             ]
             for bits in self.bits
@@ -451,13 +471,17 @@ class Ingress:
             raise HTTPException(404, f"no item with id {item_id!r}")
         return hits
 
-    @api.get("/items/{item_id}", summary="One indexed item: its metadata and modalities")
+    @api.get("/items/{item_id}", summary="One indexed item: its metadata, report, modalities and the related items")
     async def item(self, item_id: str) -> dict:
+        """``related``: the other items of the same patient or study (id, modality, view, labels, image_url)."""
         hits = await self._records(item_id)
         record = _hit_json(next((h for h in hits if h.image_ref), hits[0]))
+        record["snippet"] = next((h.snippet for h in hits if h.modality == "text"), record["snippet"])
         record.pop("distance")
         record["modalities"] = sorted({h.modality for h in hits})
         record.pop("modality")
+        record["related"] = [{key: value for key, value in _hit_json(h).items() if key in RELATED_FIELDS}
+                             for h in await self._index("related", item_id)]
         return record
 
     @api.get("/items/{item_id}/image", summary="The item's image as PNG", response_class=Response)

@@ -37,9 +37,9 @@ class ServeConfig(Section):
     max_k: int = Field(100, ge=1)
     torch_threads: int = Field(1, ge=1)  # per replica: replicas share the node's cores
     image_batch_size: int = Field(8, ge=1)  # @serve.batch of the ImageEncoder
-    image_batch_wait_s: float = Field(0.01, ge=0)
+    image_batch_wait_s: float = Field(0.002, ge=0)
     text_batch_size: int = Field(16, ge=1)  # @serve.batch of the TextEncoder
-    text_batch_wait_s: float = Field(0.01, ge=0)
+    text_batch_wait_s: float = Field(0.002, ge=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
     image_encoder: DeploymentResources = DeploymentResources()

@@ -17,7 +17,6 @@ from medhash.services.features.featureset import FeatureSet, build_featureset
 from medhash.services.methods import embed, load_trained
 from medhash.services.run_dir import RunDir
 
-SNIPPET_CHARS = 300
 
 
 def index_features(cfg: MedhashConfig, dataset: Dataset, progress: bool = True) -> FeatureSet:
@@ -34,7 +33,7 @@ def item_records(items, modality: str, codes: np.ndarray) -> list:
     return [
         IndexRecord(
             id=item.id, modality=modality, code=code.tobytes(), patient_id=item.patient_id, study_id=item.id,
-            labels=tuple(item.labels), view=item.view, snippet=item.report[:SNIPPET_CHARS],
+            labels=tuple(item.labels), view=item.view, snippet=item.report,  # the index keeps its first 2,048 bytes
             image_ref=str(item.image_paths[0]),
         )
         for item, code in zip(items, codes)

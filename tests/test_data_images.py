@@ -270,3 +270,14 @@ def test_real_images_load(shared_data):
     for path in sorted((shared_data / "medpix2" / "images").glob("*.png"))[:5]:
         image = load_image(path)
         assert image.mode in ("L", "RGB") and max(image.size) == 256
+
+
+def test_describe_image_names_the_format_and_the_dicom_modality(tmp_path):
+    from medhash.services.data.images import describe_image
+
+    image, about = describe_image(pydicom_file("CT_small.dcm").read_bytes(), "CT_small.dcm")
+    assert image.size == (128, 128) and about["format"] == "DICOM" and about["modality"] == "CT"
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(buffer, format="JPEG")
+    image, about = describe_image(buffer.getvalue(), "photo")
+    assert image.size == (30, 20) and about == {"format": "JPEG", "modality": "", "body_part": "", "window": ""}

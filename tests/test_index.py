@@ -115,6 +115,23 @@ def test_filters_by_modality_label_and_view(filled):
     assert index.count(16) == N_CODES + 50
 
 
+def test_related_items_share_the_patient_or_the_study(tmp_path):
+    index = CodeIndex(str(tmp_path / "small.db"), [32])
+    try:
+        codes = random_codes(5, 32, seed=1)
+        index.upsert(32, [IndexRecord("a", "image", codes[0].tobytes(), patient_id="P1", study_id="S1"),
+                          IndexRecord("a", "text", codes[0].tobytes(), patient_id="P1", study_id="S1"),
+                          IndexRecord("b", "text", codes[1].tobytes(), patient_id="P1", study_id="S2"),
+                          IndexRecord("c", "image", codes[2].tobytes(), patient_id="P2", study_id="S1"),
+                          IndexRecord("d", "image", codes[3].tobytes(), patient_id="P2", study_id="S3"),
+                          IndexRecord("e", "image", codes[4].tobytes())])
+        assert [h.id for h in index.related("a")] == ["b", "c"]  # same patient, same study; never itself
+        assert [h.id for h in index.related("d")] == ["c"]
+        assert index.related("e") == [] and index.related("nope") == []
+    finally:
+        index.close()
+
+
 def test_get_and_delete(tmp_path):
     index = CodeIndex(str(tmp_path / "small.db"), [32, 64])
     try:

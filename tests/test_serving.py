@@ -450,6 +450,34 @@ def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_
     assert requests.post(f"{url}/search/text", json={"text": "chest"}, timeout=60).status_code == 200
 
 
+def test_an_item_lists_the_other_items_of_its_patient_and_its_full_report(served, dataset):
+    from collections import defaultdict
+    from urllib.parse import quote
+
+    by_patient = defaultdict(list)
+    for item in dataset.items:
+        by_patient[item.patient_id].append(item)
+    case = next(items for items in by_patient.values() if len(items) >= 2)
+    answer = requests.get(f"{served['url']}/items/{quote(case[0].id, safe='')}", timeout=30).json()
+    assert [r["id"] for r in answer["related"]] == sorted(item.id for item in case[1:])
+    assert all(set(r) == {"id", "modality", "view", "labels", "study_id", "image_url"} for r in answer["related"])
+    assert answer["snippet"] == case[0].report[:2048]  # the whole report (MedPix captions fit the index's 2 KB)
+
+
+def test_preview_shows_the_query_as_decoded_and_refuses_what_search_refuses(served, dataset):
+    import base64
+
+    path = query_items(dataset)[0].image_paths[0]
+    answer = requests.post(f"{served['url']}/preview", files={"file": (path.name, path.read_bytes())}, timeout=60)
+    about = answer.json()
+    assert answer.status_code == 200 and about["format"] == "PNG" and about["modality"] == ""
+    with Image.open(path) as original:
+        assert (about["width"], about["height"]) == original.size
+    assert Image.open(io.BytesIO(base64.b64decode(about["png_base64"]))).size[0] <= 512
+    refused = requests.post(f"{served['url']}/preview", files={"file": ("notes.png", b"not an image")}, timeout=60)
+    assert refused.status_code == 400 and "not a PNG, JPEG or DICOM image" in refused.json()["error"]
+
+
 def test_a_judgment_of_a_hit_is_stored_exported_and_kept_across_a_restart(served, tiny_run, index_uri, dataset, tmp_path):
     from medhash.services.judgments import fingerprint, read_judgments
 

@@ -18,7 +18,7 @@ from medhash.services.config import load_config
 from medhash.services.data import open_dataset
 from medhash.services.features.featureset import limit_per_split
 from medhash.ui.config import UIConfig, UIError
-from medhash.ui.app import SearchApp, result_cards, users_from
+from medhash.ui.app import SearchApp, case_html, result_cards, users_from
 from medhash.ui.client import SearchClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +80,17 @@ def test_cards_say_when_a_similarity_is_shared():
     cards = result_cards(results, {}, 32).split("\n")
     assert "30/32 bits agree · tied with 2 others" in cards[0]
     assert "27/32 bits agree<div" in cards[3]
+
+
+def test_an_opened_case_shows_the_whole_report_and_the_related_items_escaped():
+    report = "<b>long</b> report " * 40
+    html_text = case_html({"id": "c1", "patient_id": "P1", "study_id": "S1", "view": "PA", "labels": ["x:<y>"],
+                           "snippet": report, "related": [{"id": "c2", "modality": "image", "view": "AP", "study_id": "S1"}]})
+    assert "&lt;b&gt;long&lt;/b&gt; report " * 40 in html_text and "<b>long</b>" not in html_text
+    assert "<li>c2 · image · AP · study S1</li>" in html_text and "x:&lt;y&gt;" in html_text
+    assert "no other items indexed" in case_html({"id": "c3", "related": []})
+    card = result_cards([{"id": "c1", "modality": "text", "distance": 0, "snippet": report}], {}, 16)
+    assert "…" in card and len(card) < len(report) + 500  # a card shortens the report
 
 
 def test_an_unreachable_api_and_empty_inputs_get_clear_messages(tmp_path):
@@ -212,6 +223,11 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
                   if label.text.split()[1] in demo["run_ids"] and "(text)" in label.text)
     demo["judged"] = choice.text.split()[1]
     choice.click()
+    case = WebDriverWait(browser, 120).until(  # choosing a hit opens it: full report, image, related items
+        lambda d: "Same patient or study" in d.find_element(By.ID, "image-detail").text
+        and d.find_element(By.ID, "image-detail").text, "the chosen hit did not open")
+    assert demo["judged"] in case and find_all(browser, "#image-detail-image img")
+    browser.save_screenshot(str(ARTIFACTS / "detail-view.png"))
     browser.find_element(By.ID, "image-relevant").click()
     saved = WebDriverWait(browser, 60).until(
         lambda d: "Saved" in d.find_element(By.ID, "image-judge-status").text, "the judgment was not saved")
@@ -226,6 +242,28 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
     assert len(pictures) >= 5
     assert "10 results (64-bit codes" in browser.find_element(By.ID, "text-status").text
     browser.save_screenshot(str(ARTIFACTS / "text-search.png"))
+
+
+@pytest.mark.real
+def test_in_a_browser_a_dicom_query_is_previewed_as_decoded_and_searched(demo, browser):
+    from pydicom.data import get_testdata_file
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    if ct is None:
+        pytest.skip("pydicom's CT_small.dcm test file is not installed")
+    browser.get(demo["ui"])  # a fresh page, still signed in
+    WebDriverWait(browser, 120).until(lambda d: find_all(d, "#image-upload"), "the UI did not load")
+    upload_image(browser, Path(ct))
+    info = WebDriverWait(browser, 120).until(
+        lambda d: "DICOM CT" in d.find_element(By.ID, "image-preview-info").text
+        and d.find_element(By.ID, "image-preview-info").text, "no preview of the DICOM query")
+    assert "128 x 128 px" in info and "grayscale" in info
+    assert find_all(browser, "#image-preview img")
+    browser.find_element(By.ID, "image-search").click()
+    WebDriverWait(browser, 300).until(lambda d: find_all(d, "#image-results .medhash-card"), "no results for the DICOM query")
+    browser.save_screenshot(str(ARTIFACTS / "dicom-preview.png"))
 
 
 @pytest.mark.real

@@ -29,6 +29,7 @@ from medhash.ui.client import ApiError, SearchClient, SearchQuery  # noqa: E402
 log = logging.getLogger(__name__)
 
 THUMBNAIL_PX = 160
+CARD_TEXT_CHARS = 300  # of the report on a result card; opening the hit shows all of it
 DIRECTIONS = {"Reports": "reports", "Images": "images", "Both": "both"}
 VERDICT_NAMES = {"relevant": "relevant", "not_relevant": "not relevant"}
 CSS = """
@@ -69,6 +70,10 @@ def agreement(distance: int, bits: int) -> str:
     return f"{bits - distance}/{bits} bits agree"
 
 
+def _shortened(text: str, chars: int = CARD_TEXT_CHARS) -> str:
+    return text if len(text) <= chars else text[:chars].rstrip() + " …"
+
+
 def result_cards(results: list[dict], thumbnails: dict[str, Image.Image], bits: int) -> str:
     """HTML, one card per result, every field escaped. Results come ordered by distance, equal
     distances by id (the API's rule); a card says when its similarity is shared by others."""
@@ -86,9 +91,22 @@ def result_cards(results: list[dict], thumbnails: dict[str, Image.Image], bits: 
             f'<b>#{rank} {html.escape(r["id"])}</b> · {html.escape(r["modality"])} · {agreement(r["distance"], bits)}{tied}'
             f'<div class="meta">patient {html.escape(r.get("patient_id") or "-")} · study {html.escape(r.get("study_id") or "-")}'
             f'{" · view " + html.escape(r["view"]) if r.get("view") else ""}</div>'
-            f"<div>{labels}</div><p>{html.escape(r.get('snippet') or '')}</p></div></div>"
+            f"<div>{labels}</div><p>{html.escape(_shortened(r.get('snippet') or ''))}</p></div></div>"
         )
     return "\n".join(cards)
+
+
+def case_html(item: dict) -> str:
+    """An opened item: ids, view, labels, the whole stored report and its patient's / study's other items, escaped."""
+    labels = "".join(f'<span class="label">{html.escape(label)}</span>' for label in item.get("labels", []))
+    related = "".join(
+        f"<li>{html.escape(r['id'])} · {html.escape(r['modality'])}{' · ' + html.escape(r['view']) if r.get('view') else ''}"
+        f"{' · study ' + html.escape(r['study_id']) if r.get('study_id') else ''}</li>" for r in item.get("related", []))
+    return (f'<div class="medhash-case"><h3>{html.escape(item["id"])}</h3>'
+            f'<div class="meta">patient {html.escape(item.get("patient_id") or "-")} · study {html.escape(item.get("study_id") or "-")}'
+            f'{" · view " + html.escape(item["view"]) if item.get("view") else ""}</div><div>{labels}</div>'
+            f'<p>{html.escape(item.get("snippet") or "(no report)")}</p>'
+            f'<b>Same patient or study</b>{"<ul>" + related + "</ul>" if related else "<p>no other items indexed</p>"}</div>')
 
 
 class SearchApp:
@@ -128,6 +146,27 @@ class SearchApp:
             return f"The image is larger than the {self.cfg.max_upload_bytes // 2**20} MB limit.", [], "", None
         return self._run(lambda q: self.client.search_image(file.read_bytes(), file.name, q), k, direction, labels, view)
 
+    def preview(self, path: str | None) -> tuple[Image.Image | None, str]:
+        """The uploaded image as the service decodes it for the encoder, and a line saying what it is."""
+        if not path:
+            return None, ""
+        file = Path(path)
+        if file.stat().st_size > self.cfg.max_upload_bytes:
+            return None, f"The image is larger than the {self.cfg.max_upload_bytes // 2**20} MB limit."
+        try:
+            about = self.client.preview(file.read_bytes(), file.name)
+            image = Image.open(io.BytesIO(base64.b64decode(about["png_base64"]))).convert("RGB")
+        except ApiError as exc:
+            return None, str(exc)
+        except (UnidentifiedImageError, OSError, ValueError, KeyError) as exc:
+            log.error("preview failed: %s", type(exc).__name__)
+            return None, "The preview could not be shown; the search may still work."
+        kind = " ".join(filter(None, (about.get("format"), about.get("modality"), about.get("body_part"))))
+        parts = [f"{about['width']} x {about['height']} px", kind, "colour" if about.get("colour") else "grayscale"]
+        if about.get("window"):
+            parts.append(f"window {about['window']}")
+        return image, "As the model sees it: " + " · ".join(p for p in parts if p)
+
     def search_text(self, text: str | None, k, direction, labels, view) -> tuple[str, list, str, dict | None]:
         if not text or not text.strip():
             return "Type a finding first, e.g. 'left lower lobe consolidation'.", [], "", None
@@ -141,6 +180,24 @@ class SearchApp:
         except Exception as exc:  # the page must always answer; the log gets the kind, never the input
             log.error("search failed: %s", type(exc).__name__)
             return "The search failed unexpectedly; please try again.", [], "", None
+
+    def detail(self, answer: dict | None, rank: str | None) -> tuple[Image.Image | None, str]:
+        """Hit number ``rank`` of ``answer`` opened: its full-size image and HTML with the whole report and
+        the other items of the same patient or study."""
+        if not answer or not rank or not str(rank).isdigit() or not 1 <= int(rank) <= len(answer.get("results", [])):
+            return None, ""
+        hit = answer["results"][int(rank) - 1]
+        try:
+            item = self.client.item(hit["id"])
+        except ApiError as exc:
+            return None, f"<p>{html.escape(str(exc))}</p>"
+        image = None
+        if item.get("image_url"):
+            try:
+                image = Image.open(io.BytesIO(self.client.image(item["image_url"]))).convert("RGB")
+            except (ApiError, UnidentifiedImageError, OSError):
+                pass  # the case shows without its picture
+        return image, case_html(item)
 
     def judge(self, answer: dict | None, rank: str | None, verdict: str, user: str | None) -> str:
         """Store ``user``'s verdict on hit number ``rank`` (1-based) of the last search ``answer``; a status line."""
@@ -177,24 +234,28 @@ def _shown(handler):
         status, gallery, cards, answer = handler(*inputs)
         hits = [(f"#{rank} {r['id']} ({r['modality']})", str(rank)) for rank, r in enumerate((answer or {}).get("results", []), 1)]
         return (status, gr.update(value=gallery, visible=bool(gallery)), cards, answer,
-                gr.update(choices=hits, value=None), "")
+                gr.update(choices=hits, value=None), "", None, "")
 
     return run
 
 
-def _judging(app: SearchApp, tab: str, answer: gr.State):
-    """The hit chooser and verdict buttons under a tab's results."""
+def _hit_panel(app: SearchApp, tab: str, answer: gr.State):
+    """Under a tab's results: choose a hit to open it (full image, report, related items) and judge it."""
     with gr.Row():
-        hit = gr.Radio([], label="Judge a hit of this search", elem_id=f"{tab}-judge-hit", scale=3)
+        hit = gr.Radio([], label="Open and judge a hit of this search", elem_id=f"{tab}-judge-hit", scale=3)
         buttons = {verdict: gr.Button(name.capitalize(), elem_id=f"{tab}-{verdict.replace('_', '-')}", scale=1)
                    for verdict, name in VERDICT_NAMES.items()}
     status = gr.Markdown(elem_id=f"{tab}-judge-status")
+    with gr.Row():
+        image = gr.Image(label="Full-size image", interactive=False, elem_id=f"{tab}-detail-image", scale=1)
+        case = gr.HTML(elem_id=f"{tab}-detail")
+    hit.change(app.detail, [answer, hit], [image, case], api_name=False)
     for verdict, button in buttons.items():
         def judge(answer_value, rank, request: gr.Request, verdict=verdict):
             return app.judge(answer_value, rank, verdict, getattr(request, "username", None))
 
         button.click(judge, [answer, hit], status, api_name=False)
-    return hit, status
+    return hit, status, image, case
 
 
 def _controls(default_direction: str, cfg: UIConfig):
@@ -214,8 +275,12 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
         gr.Markdown("# medhash\nSearch medical images and radiology reports by similarity (binary codes, Hamming distance).")
         service = gr.Markdown(elem_id="service-status")
         with gr.Tab("Search by image"):
-            upload = gr.File(label="Query image (PNG, JPEG or DICOM)", file_types=[".png", ".jpg", ".jpeg", ".dcm"],
-                             type="filepath", elem_id="image-upload")
+            with gr.Row():
+                upload = gr.File(label="Query image (PNG, JPEG or DICOM)", file_types=[".png", ".jpg", ".jpeg", ".dcm"],
+                                 type="filepath", elem_id="image-upload", scale=2)
+                preview = gr.Image(label="Query as decoded", interactive=False, elem_id="image-preview", height=280,
+                                   scale=1)
+            preview_info = gr.Markdown(elem_id="image-preview-info")
             image_controls = _controls("Reports", cfg)
             image_button = gr.Button("Search", variant="primary", elem_id="image-search")
             image_status = gr.Markdown(elem_id="image-status")
@@ -223,7 +288,7 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
                                        visible=False)
             image_cards = gr.HTML(elem_id="image-results")
             image_answer = gr.State(None)
-            image_hit, image_judged = _judging(app, "image", image_answer)
+            image_hit, image_judged, image_detail, image_case = _hit_panel(app, "image", image_answer)
         with gr.Tab("Search by findings"):
             text = gr.Textbox(label="Findings", placeholder="left lower lobe consolidation", lines=3, elem_id="text-query")
             text_controls = _controls("Images", cfg)
@@ -233,9 +298,11 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
                                       visible=False)
             text_cards = gr.HTML(elem_id="text-results")
             text_answer = gr.State(None)
-            text_hit, text_judged = _judging(app, "text", text_answer)
-        image_outputs = [image_status, image_gallery, image_cards, image_answer, image_hit, image_judged]
-        text_outputs = [text_status, text_gallery, text_cards, text_answer, text_hit, text_judged]
+            text_hit, text_judged, text_detail, text_case = _hit_panel(app, "text", text_answer)
+        image_outputs = [image_status, image_gallery, image_cards, image_answer, image_hit, image_judged, image_detail,
+                         image_case]
+        text_outputs = [text_status, text_gallery, text_cards, text_answer, text_hit, text_judged, text_detail, text_case]
+        upload.change(app.preview, upload, [preview, preview_info], api_name=False)
         image_button.click(_shown(app.search_image), [upload, *image_controls], image_outputs, api_name="search_image")
         text_button.click(_shown(app.search_text), [text, *text_controls], text_outputs, api_name="search_text")
         text.submit(_shown(app.search_text), [text, *text_controls], text_outputs, api_name=False)

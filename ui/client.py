@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import requests
 
@@ -58,6 +59,10 @@ class SearchClient:
             form["view"] = query.view
         return self._call("POST", "/search/image", files={"file": (filename, data)}, data=form).json()
 
+    def preview(self, data: bytes, filename: str) -> dict:
+        """The image as the service decodes it: ``png_base64`` (at most 512 px) and its size, format, modality."""
+        return self._call("POST", "/preview", files={"file": (filename, data)}).json()
+
     def search_text(self, text: str, query: SearchQuery) -> dict:
         """As :meth:`search_image`, for report text."""
         body = {"text": text, "k": query.k, "direction": query.direction, "labels": list(query.labels)}
@@ -70,6 +75,10 @@ class SearchClient:
         body = {"user": user, "query_modality": query["modality"], "query_sha256": query["sha256"],
                 "item_id": hit["id"], "item_modality": hit["modality"], "verdict": verdict}
         return self._call("POST", "/judgments", json=body).json()
+
+    def item(self, item_id: str) -> dict:
+        """One indexed item: metadata, report, modalities, ``image_url`` and the ``related`` items of its patient or study."""
+        return self._call("GET", f"/items/{quote(item_id, safe='')}").json()
 
     def image(self, image_url: str) -> bytes:
         """The PNG bytes behind a result's ``image_url`` (a path on the API)."""

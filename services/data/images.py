@@ -58,6 +58,15 @@ def decode_image(data: bytes, name: str, dicom: bool = False, max_pixels: int = 
     return _load_pillow(io.BytesIO(data), name, max_pixels)
 
 
+def describe_image(data: bytes, name: str, dicom: bool = False,
+                   max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, dict[str, str]]:
+    """:func:`decode_image` and what a reader checks before searching with it: the file format, and
+    for DICOM its modality, body part and window (empty strings when the file does not say)."""
+    image = decode_image(data, name, dicom=dicom, max_pixels=max_pixels)
+    return image, {"format": image.info.get("format", ""), "modality": image.info.get("modality", ""),
+                   "body_part": image.info.get("body_part", ""), "window": image.info.get("window", "")}
+
+
 def _load_pillow(source: io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
@@ -65,7 +74,9 @@ def _load_pillow(source: io.BytesIO, name: str, max_pixels: int) -> Image.Image:
             with Image.open(source) as image:
                 _check_size(name, image.width, image.height, max_pixels)
                 image.load()
-                return _to_8bit(image)
+                converted = _to_8bit(image)
+                converted.info["format"] = image.format or ""
+                return converted
     except UnidentifiedImageError:
         raise _not_an_image(name) from None
     except Image.DecompressionBombError:
@@ -105,6 +116,14 @@ def _min_max_uint8(array: np.ndarray) -> np.ndarray:
 
 def _load_dicom(data: bytes, name: str, max_pixels: int, headerless: bool) -> Image.Image:
     ds = _open_dicom(data, name, max_pixels, headerless)
+    image = _dicom_pixels(ds, name)
+    window = _voi_window(ds) if image.mode == "L" else None
+    image.info.update(format="DICOM", modality=str(ds.get("Modality") or ""), body_part=str(ds.get("BodyPartExamined") or ""),
+                      window=f"center {window[0]:g}, width {window[1]:g}" if window else "")
+    return image
+
+
+def _dicom_pixels(ds: pydicom.Dataset, name: str) -> Image.Image:
     pixels = _first_frame(ds, name)
     if pixels.ndim == 3:  # colour: pydicom has turned YBR, _first_frame a palette, into RGB
         if pixels.dtype != np.uint8:
