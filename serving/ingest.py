@@ -18,7 +18,6 @@ from medhash.services.methods import embed, load_trained
 from medhash.services.run_dir import RunDir
 
 
-
 def index_features(cfg: MedhashConfig, dataset: Dataset, progress: bool = True) -> FeatureSet:
     """Image and report features of every item of ``dataset`` with the run's backbones (from the cache)."""
     return build_featureset(override(cfg, {
