@@ -116,10 +116,10 @@ class IndexConfig(Section):
     uri: str | None = None  # None: <MEDHASH_CACHE>/index/medhash.db; a server: "http://host:19530"
     collection_prefix: str = Field("medhash", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # collections <prefix>_<bits>
     token_env: str = "MEDHASH_MILVUS_TOKEN"  # environment variable holding a server's token ("user:password")
-    ivf_nlist: int = Field(1024, ge=1, le=65536)  # BIN_IVF_FLAT clusters (server only; milvus-lite scans BIN_FLAT)
-    nprobe: int = Field(16, ge=1, le=65536)  # clusters searched per query (server only)
-
-
+    index_type: Literal["BIN_IVF_FLAT", "BIN_FLAT"] = "BIN_IVF_FLAT"  # server only: a milvus-lite file scans BIN_FLAT
+    ivf_nlist: int = Field(1024, ge=1, le=65536)  # BIN_IVF_FLAT clusters, fixed when a collection is created
+    nprobe: int = Field(16, ge=1, le=65536)  # BIN_IVF_FLAT clusters searched per query (docs/benchmarks.md: recall)
+    timeout_s: float = Field(10.0, gt=0)  # per call to a server: a lost server fails the call (503), no hang
 
 
 class CodesConfig(Section):

@@ -3,7 +3,9 @@
 One collection per code length (``<prefix>_<bits>``), a ``BINARY_VECTOR`` of that many bits plus the
 item's metadata; the primary key is ``"<modality>:<id>"``, so re-upserting an item replaces it.
 A ``.db`` path opens a milvus-lite file (exact ``BIN_FLAT`` scan; one process per file); an
-``http(s)://`` or ``tcp://`` URI opens a Milvus server (``BIN_IVF_FLAT``; replicas scale out).
+``http(s)://`` or ``tcp://`` URI opens a Milvus server (``index.index_type``, ``BIN_IVF_FLAT`` by
+default; replicas scale out). Labels are an ``ARRAY`` of strings, matched whole by ``array_contains_all``
+(Milvus 2.3 servers match ``like`` by prefix only).
 
 Writing one item is all-or-nothing across code lengths (:meth:`CodeIndex.upsert_item`): the item's
 records are journalled to a file before the first upsert and the file is removed after the last, so
@@ -32,14 +34,16 @@ from medhash.services.errors import ConfigError, DataError
 MODALITIES = ("image", "text")
 MAX_TOP_K = 16384  # Milvus's limit on k
 _SERVER_SCHEMES = ("http://", "https://", "tcp://")
-_MAX_BYTES = {"pk": 520, "id": 512, "modality": 8, "patient_id": 256, "study_id": 256, "labels": 8192,
-              "view": 64, "snippet": 2048, "image_ref": 2048}  # VARCHAR max_length of each field
+_MAX_BYTES = {"pk": 520, "id": 512, "modality": 8, "patient_id": 256, "study_id": 256, "view": 64,
+              "snippet": 2048, "image_ref": 2048}  # VARCHAR max_length of each text field
+MAX_LABELS, MAX_LABEL_BYTES = 256, 256  # the labels ARRAY: elements per item, bytes per element
 _OUTPUT_FIELDS = ["id", "modality", "patient_id", "study_id", "labels", "view", "snippet", "image_ref"]
 _UPSERT_BATCH = 10_000  # rows per Milvus call
 MAX_FILTER_LABELS = 16  # labels one search may require (Milvus fails on long filter expressions)
 MAX_FILTER_CHARS = 256  # characters of one label or view filter
 ITEM_ID = re.compile(r"[^\s/\\][^/\\\x00-\x1f\x7f]{0,255}")  # no slashes or control characters: ids are URL path segments
 _DELETE_BATCH = 1_000  # primary keys per delete expression
+_SETUP_TIMEOUT_S = 300.0  # creating or loading a collection (a server loads its segments first)
 
 
 @dataclass(frozen=True)
@@ -92,20 +96,22 @@ def check_filters(labels: Sequence[str], view: str | None) -> None:
     for value in (*labels, *([view] if view else [])):
         if not isinstance(value, str) or len(value) > MAX_FILTER_CHARS or not _is_filter_value(value):
             raise DataError(f"filter value {str(value)[:80]!r} is empty, longer than {MAX_FILTER_CHARS} characters, "
-                            f"or contains '|' or control characters")
+                            f"or contains control characters")
 
 
 def open_index(cfg: IndexConfig, bits: Iterable[int], token: str | None = None) -> CodeIndex:
     """A :class:`CodeIndex` as the ``index`` section describes it (token: argument, else ``cfg.token_env``)."""
     return CodeIndex(resolve_uri(cfg), bits, prefix=cfg.collection_prefix,
-                     token=token or os.environ.get(cfg.token_env) or None, ivf_nlist=cfg.ivf_nlist, nprobe=cfg.nprobe)
+                     token=token or os.environ.get(cfg.token_env) or None, index_type=cfg.index_type,
+                     ivf_nlist=cfg.ivf_nlist, nprobe=cfg.nprobe, timeout_s=cfg.timeout_s)
 
 
 class CodeIndex:
     """Binary codes of several lengths in Milvus, searched by Hamming distance."""
 
     def __init__(self, uri: str, bits: Iterable[int], prefix: str = "medhash", token: str | None = None,
-                 *, ivf_nlist: int = IndexConfig().ivf_nlist, nprobe: int = IndexConfig().nprobe):
+                 *, index_type: str = IndexConfig().index_type, ivf_nlist: int = IndexConfig().ivf_nlist,
+                 nprobe: int = IndexConfig().nprobe, timeout_s: float = IndexConfig().timeout_s):
         self._bits = tuple(dict.fromkeys(int(b) for b in bits))
         if not self._bits:
             raise ConfigError("index: no code lengths given")
@@ -113,10 +119,14 @@ class CodeIndex:
             check_code_length(b)
         self.uri, self.prefix = uri, prefix
         self.is_server = uri.startswith(_SERVER_SCHEMES)
-        self._search_params = {"metric_type": "HAMMING", "params": {"nprobe": nprobe} if self.is_server else {}}
-        self._client = _connect(uri, token)
+        self.index_type = index_type if self.is_server else "BIN_FLAT"
+        ivf = self.index_type == "BIN_IVF_FLAT"
+        self._search_params = {"metric_type": "HAMMING", "params": {"nprobe": nprobe} if ivf else {}}
+        self._index_params = {"nlist": ivf_nlist} if ivf else {}
+        self._timeout = timeout_s if self.is_server else None  # milvus-lite: its own process, health-checked
+        self._client = _connect(uri, token, timeout_s)
         for b in self._bits:
-            self._ensure_collection(b, ivf_nlist)
+            self._ensure_collection(b)
         self._journal = _journal_dir(uri, prefix)
         self._replay_journal()
 
@@ -140,7 +150,7 @@ class CodeIndex:
             rows[row["pk"]] = row
         rows = list(rows.values())
         for start in range(0, len(rows), _UPSERT_BATCH):
-            self._client.upsert(name, rows[start : start + _UPSERT_BATCH])
+            self._client.upsert(name, rows[start : start + _UPSERT_BATCH], timeout=self._timeout)
         return len(rows)
 
     def upsert_item(self, records: dict[int, Sequence[IndexRecord]]) -> None:
@@ -181,7 +191,7 @@ class CodeIndex:
         for start in range(0, len(keys), _DELETE_BATCH):
             in_batch = f"pk in [{', '.join(keys[start : start + _DELETE_BATCH])}]"
             for b in self._bits:
-                self._client.delete(self._collection(b), filter=in_batch)
+                self._client.delete(self._collection(b), filter=in_batch, timeout=self._timeout)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -206,10 +216,10 @@ class CodeIndex:
         if len(codes) == 0:
             return []
         clauses = [f"modality == {_literal(modality)}"] if modality else []
-        clauses += [f"labels like {_literal('%|' + _like_escape(label) + '|%')}" for label in labels]
+        clauses += [f"array_contains_all(labels, [{', '.join(_literal(label) for label in labels)}])"] if labels else []
         clauses += [f"view == {_literal(view)}"] if view else []
-        results = self._client.search(
-            name, data=[row.tobytes() for row in codes], anns_field="code", limit=k,
+        results = self._read(
+            "search", name, data=[row.tobytes() for row in codes], anns_field="code", limit=k,
             search_params=self._search_params, output_fields=_OUTPUT_FIELDS, filter=" and ".join(clauses),
         )
         return [sorted((_hit(h["entity"], h["distance"]) for h in hits), key=lambda h: (h.distance, h.id, h.modality))
@@ -223,7 +233,7 @@ class CodeIndex:
         keys = ", ".join(_literal(f"{modality}:{item_id}") for modality in MODALITIES)
         found: dict[str, Hit] = {}
         for b in self._bits:
-            for row in self._client.query(self._collection(b), filter=f"pk in [{keys}]", output_fields=_OUTPUT_FIELDS):
+            for row in self._read("query", self._collection(b), filter=f"pk in [{keys}]", output_fields=_OUTPUT_FIELDS):
                 found.setdefault(row["modality"], _hit(row, 0))
         return [found[m] for m in MODALITIES if m in found]
 
@@ -236,8 +246,8 @@ class CodeIndex:
                    (("patient_id", own[0].patient_id), ("study_id", own[0].study_id)) if value]
         if not clauses:
             return []
-        rows = self._client.query(self._collection(self._bits[0]), filter=" or ".join(clauses),
-                                  output_fields=_OUTPUT_FIELDS, limit=min(4 * limit, MAX_TOP_K))
+        rows = self._read("query", self._collection(self._bits[0]), filter=" or ".join(clauses),
+                          output_fields=_OUTPUT_FIELDS, limit=min(4 * limit, MAX_TOP_K))
         found: dict[str, Hit] = {}
         for row in sorted(rows, key=lambda r: (r["id"], MODALITIES.index(r["modality"]))):
             if row["id"] != item_id:
@@ -246,7 +256,7 @@ class CodeIndex:
 
     def count(self, bits: int) -> int:
         """Number of records (both modalities) in the ``bits`` collection."""
-        rows = self._client.query(self._collection(bits), filter="", output_fields=["count(*)"])
+        rows = self._read("query", self._collection(bits), filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def close(self) -> None:
@@ -259,28 +269,47 @@ class CodeIndex:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _read(self, method: str, name: str, **kwargs):
+        """``client.<method>(name, ...)`` with the call timeout; a collection a restarted server has not
+        loaded yet is loaded and the call made again."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            return getattr(self._client, method)(name, timeout=self._timeout, **kwargs)
+        except MilvusException as exc:
+            if "not loaded" not in str(exc.message):
+                raise
+            self._client.load_collection(name, timeout=_SETUP_TIMEOUT_S)
+            return getattr(self._client, method)(name, timeout=self._timeout, **kwargs)
+
     def _collection(self, bits: int) -> str:
         check_code_length(bits, self._bits, "collection")
         return f"{self.prefix}_{bits}"
 
-    def _ensure_collection(self, bits: int, ivf_nlist: int) -> None:
+    def _ensure_collection(self, bits: int) -> None:
         from pymilvus import DataType, MilvusClient
 
         name = self._collection(bits)
-        if self._client.has_collection(name):
-            self._client.load_collection(name)
+        if self._client.has_collection(name, timeout=_SETUP_TIMEOUT_S):
+            fields = {f["name"]: f["type"] for f in self._client.describe_collection(name, timeout=_SETUP_TIMEOUT_S)["fields"]}
+            if fields.get("labels") != DataType.ARRAY:
+                raise ConfigError(f"collection {name} at {self.uri} was written by an earlier medhash (labels as text); "
+                                  f"index the run again into a new file or collection_prefix")
+            self._client.load_collection(name, timeout=_SETUP_TIMEOUT_S)
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=_MAX_BYTES["pk"])
         schema.add_field("code", DataType.BINARY_VECTOR, dim=bits)
         for field in _OUTPUT_FIELDS:
-            schema.add_field(field, DataType.VARCHAR, max_length=_MAX_BYTES[field])
+            if field == "labels":
+                schema.add_field(field, DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_LABELS,
+                                 max_length=MAX_LABEL_BYTES)
+            else:
+                schema.add_field(field, DataType.VARCHAR, max_length=_MAX_BYTES[field])
         index_params = MilvusClient.prepare_index_params()
-        if self.is_server:
-            index_params.add_index("code", index_type="BIN_IVF_FLAT", metric_type="HAMMING", params={"nlist": ivf_nlist})
-        else:
-            index_params.add_index("code", index_type="BIN_FLAT", metric_type="HAMMING")
-        self._client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
+        index_params.add_index("code", index_type=self.index_type, metric_type="HAMMING", params=self._index_params)
+        self._client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong",
+                                       timeout=_SETUP_TIMEOUT_S)
 
 
 def _journal_dir(uri: str, prefix: str) -> Path:
@@ -290,7 +319,7 @@ def _journal_dir(uri: str, prefix: str) -> Path:
     return Path(uri).expanduser().resolve().with_name(f"{Path(uri).name}.{prefix}.journal")
 
 
-def _connect(uri: str, token: str | None):
+def _connect(uri: str, token: str | None, timeout_s: float):
     """A MilvusClient for ``uri``; a milvus-lite file gets its folder created."""
     from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
@@ -305,7 +334,7 @@ def _connect(uri: str, token: str | None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # milvus-lite's pkg_resources deprecation notice
-            return MilvusClient(uri=uri, token=token or "")
+            return MilvusClient(uri=uri, token=token or "", timeout=max(timeout_s, 30.0))
     except MilvusException as exc:
         if exc.message == "Open local milvus failed":
             raise ConfigError(f"another process owns {uri}; only one process may open a milvus-lite file "
@@ -322,41 +351,38 @@ def _row(record: IndexRecord, bits: int) -> dict:
     if not isinstance(record.code, bytes) or len(record.code) != bits // 8:
         size = len(record.code) if isinstance(record.code, (bytes, bytearray)) else type(record.code).__name__
         raise DataError(f"{where}: a {bits}-bit code is {bits // 8} packed bytes, got {size}")
-    bad = [label for label in record.labels if not _is_filter_value(label)]
+    bad = [label for label in record.labels if not _is_filter_value(label) or len(label.encode("utf-8")) > MAX_LABEL_BYTES]
     if bad:
-        raise DataError(f"{where}: label {bad[0]!r} is empty or contains '|' or control characters")
+        raise DataError(f"{where}: label {bad[0][:80]!r} is empty, longer than {MAX_LABEL_BYTES} bytes, or contains "
+                        f"control characters")
+    if len(record.labels) > MAX_LABELS:
+        raise DataError(f"{where}: {len(record.labels)} labels; at most {MAX_LABELS} per item")
     row = {
         "pk": f"{record.modality}:{record.id}", "code": record.code, "id": record.id, "modality": record.modality,
         "patient_id": record.patient_id, "study_id": record.study_id,
-        "labels": f"|{'|'.join(record.labels)}|" if record.labels else "", "view": record.view,
+        "labels": list(record.labels), "view": record.view,
         "snippet": _truncate(record.snippet, _MAX_BYTES["snippet"]), "image_ref": record.image_ref,
     }
     for field, value in row.items():
-        if field != "code" and len(value.encode("utf-8")) > _MAX_BYTES[field]:
+        if field in _MAX_BYTES and len(value.encode("utf-8")) > _MAX_BYTES[field]:
             raise DataError(f"{where}: {field} is longer than {_MAX_BYTES[field]} bytes")
     return row
 
 
 def _hit(entity: dict, distance: float) -> Hit:
-    labels = tuple(label for label in entity["labels"].split("|") if label)
     return Hit(id=entity["id"], modality=entity["modality"], distance=int(round(distance)),
-               patient_id=entity["patient_id"], study_id=entity["study_id"], labels=labels, view=entity["view"],
+               patient_id=entity["patient_id"], study_id=entity["study_id"], labels=tuple(entity["labels"]), view=entity["view"],
                snippet=entity["snippet"], image_ref=entity["image_ref"])
 
 
 def _is_filter_value(text: str) -> bool:
     """Whether a label or view can be stored and matched exactly by a filter."""
-    return bool(text) and "|" not in text and text.isprintable()
+    return bool(text) and text.isprintable()
 
 
 def _truncate(text: str, max_bytes: int) -> str:
     """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
     return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
-
-
-def _like_escape(text: str) -> str:
-    """``text`` matched literally by a Milvus ``like`` pattern (``%`` and ``_`` are wildcards)."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _literal(text: str) -> str:

@@ -39,3 +39,66 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class MilvusServerProcess:
+    """A real Milvus standalone server (the ``milvus`` package) in a temporary folder, on loopback.
+
+    ``stop`` and ``start`` again keep the folder and the port, as a restarted server would.
+    """
+
+    def __init__(self, base_dir: Path):
+        import socket
+
+        from milvus import MilvusServer, MilvusServerConfig
+
+        class Config(MilvusServerConfig):
+            def try_bind_port(self, port):
+                """Probe a port as the server binds it (SO_REUSEADDR, as Go does), so a port whose old
+                connections linger in TIME_WAIT after a stop can be taken again at once."""
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                    sock.listen()
+                    return sock
+                except OSError:
+                    sock.close()
+                    return None
+
+        self.base_dir = base_dir
+        self._server = MilvusServer(Config())
+        self._server.set_base_dir(str(base_dir))
+        self.port: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start the server (returns once its /healthz answers); a restart binds the port it had."""
+        if self.port is None:
+            self._server.start()
+            self.port = self._server.listen_port
+            return
+        self._server.config.update(proxy_port=self.port)  # exactly this port, not the next free one
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()  # SIGTERM, then SIGKILL after 1 s
+
+    @property
+    def running(self) -> bool:
+        return self._server.running
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """One Milvus server for the session's server tests (each test uses its own collection prefix)."""
+    pytest.importorskip("milvus", reason="the Milvus server tests need the `server` extra (pip install -e '.[server]')")
+    server = MilvusServerProcess(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -1,9 +1,12 @@
-"""CodeIndex on a real milvus-lite file: exact Hamming top-k, idempotent upsert, durability, filters."""
+"""CodeIndex on a real milvus-lite file and a real Milvus server: exact Hamming top-k, idempotent upsert,
+durability, filters. Tests taking ``filled`` or ``make_index`` run on both backends."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,31 @@ from medhash.services.index import CodeIndex, IndexRecord, open_index, resolve_u
 
 BITS = (16, 64, 128)
 N_CODES, N_QUERIES, K = 2000, 20, 10
+BACKENDS = ["milvus-lite", pytest.param("milvus-server", marks=pytest.mark.server)]
+
+
+def open_backend(request, backend: str, lite_file: Path, bits) -> CodeIndex:
+    """A fresh, empty index on ``backend``: a milvus-lite file, or new collections on the session's server
+    (BIN_IVF_FLAT searching every cluster, so its answers are exact too)."""
+    if backend == "milvus-lite":
+        return CodeIndex(str(lite_file), bits)
+    server = request.getfixturevalue("milvus_server")
+    return CodeIndex(server.uri, bits, prefix=f"t{uuid.uuid4().hex[:12]}", index_type="BIN_IVF_FLAT",
+                     ivf_nlist=16, nprobe=16)
+
+
+@pytest.fixture(params=BACKENDS)
+def make_index(request, tmp_path):
+    """``make_index(bits)``: an empty index on each backend, closed after the test."""
+    opened = []
+
+    def make(bits) -> CodeIndex:
+        opened.append(open_backend(request, request.param, tmp_path / f"index{len(opened)}.db", bits))
+        return opened[-1]
+
+    yield make
+    for index in opened:
+        index.close()
 
 
 def random_codes(n: int, bits: int, seed: int) -> np.ndarray:
@@ -30,11 +58,13 @@ def records(codes: np.ndarray, modality: str = "image") -> list[IndexRecord]:
     ]
 
 
-@pytest.fixture(scope="module")
-def filled(tmp_path_factory):
-    """A milvus-lite file with N_CODES random image codes at each bit length, and those codes."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def filled(request, tmp_path_factory):
+    """An index with N_CODES random image codes at each bit length, its milvus-lite file (None on a server)
+    and those codes."""
     path = tmp_path_factory.mktemp("index") / "codes.db"
-    index = CodeIndex(str(path), BITS)
+    index = open_backend(request, request.param, path, BITS)
+    path = None if index.is_server else path
     database = {bits: random_codes(N_CODES, bits, seed=bits) for bits in BITS}
     for bits, codes in database.items():
         assert index.upsert(bits, records(codes)) == N_CODES
@@ -115,40 +145,34 @@ def test_filters_by_modality_label_and_view(filled):
     assert index.count(16) == N_CODES + 50
 
 
-def test_related_items_share_the_patient_or_the_study(tmp_path):
-    index = CodeIndex(str(tmp_path / "small.db"), [32])
-    try:
-        codes = random_codes(5, 32, seed=1)
-        index.upsert(32, [IndexRecord("a", "image", codes[0].tobytes(), patient_id="P1", study_id="S1"),
-                          IndexRecord("a", "text", codes[0].tobytes(), patient_id="P1", study_id="S1"),
-                          IndexRecord("b", "text", codes[1].tobytes(), patient_id="P1", study_id="S2"),
-                          IndexRecord("c", "image", codes[2].tobytes(), patient_id="P2", study_id="S1"),
-                          IndexRecord("d", "image", codes[3].tobytes(), patient_id="P2", study_id="S3"),
-                          IndexRecord("e", "image", codes[4].tobytes())])
-        assert [h.id for h in index.related("a")] == ["b", "c"]  # same patient, same study; never itself
-        assert [h.id for h in index.related("d")] == ["c"]
-        assert index.related("e") == [] and index.related("nope") == []
-    finally:
-        index.close()
+def test_related_items_share_the_patient_or_the_study(make_index):
+    index = make_index([32])
+    codes = random_codes(5, 32, seed=1)
+    index.upsert(32, [IndexRecord("a", "image", codes[0].tobytes(), patient_id="P1", study_id="S1"),
+                      IndexRecord("a", "text", codes[0].tobytes(), patient_id="P1", study_id="S1"),
+                      IndexRecord("b", "text", codes[1].tobytes(), patient_id="P1", study_id="S2"),
+                      IndexRecord("c", "image", codes[2].tobytes(), patient_id="P2", study_id="S1"),
+                      IndexRecord("d", "image", codes[3].tobytes(), patient_id="P2", study_id="S3"),
+                      IndexRecord("e", "image", codes[4].tobytes())])
+    assert [h.id for h in index.related("a")] == ["b", "c"]  # same patient, same study; never itself
+    assert [h.id for h in index.related("d")] == ["c"]
+    assert index.related("e") == [] and index.related("nope") == []
 
 
-def test_get_and_delete(tmp_path):
-    index = CodeIndex(str(tmp_path / "small.db"), [32, 64])
-    try:
-        for bits in (32, 64):
-            codes = random_codes(3, bits, seed=bits)
-            index.upsert(bits, [IndexRecord("a", "image", codes[0].tobytes(), image_ref="/a.png", labels=("x:1",)),
-                                IndexRecord("a", "text", codes[1].tobytes(), snippet="the report"),
-                                IndexRecord("b", "image", codes[2].tobytes())])
-        hits = index.get("a")
-        assert [(h.modality, h.distance) for h in hits] == [("image", 0), ("text", 0)]
-        assert hits[0].image_ref == "/a.png" and hits[0].labels == ("x:1",) and hits[1].snippet == "the report"
-        assert index.get("nope") == []
-        index.delete([f"unknown{i}" for i in range(1500)] + ["a"])  # "a" falls in the last delete batch
-        assert index.get("a") == [] and index.count(32) == index.count(64) == 1
-        assert [h.id for h in index.get("b")] == ["b"]
-    finally:
-        index.close()
+def test_get_and_delete(make_index):
+    index = make_index([32, 64])
+    for bits in (32, 64):
+        codes = random_codes(3, bits, seed=bits)
+        index.upsert(bits, [IndexRecord("a", "image", codes[0].tobytes(), image_ref="/a.png", labels=("x:1",)),
+                            IndexRecord("a", "text", codes[1].tobytes(), snippet="the report"),
+                            IndexRecord("b", "image", codes[2].tobytes())])
+    hits = index.get("a")
+    assert [(h.modality, h.distance) for h in hits] == [("image", 0), ("text", 0)]
+    assert hits[0].image_ref == "/a.png" and hits[0].labels == ("x:1",) and hits[1].snippet == "the report"
+    assert index.get("nope") == []
+    index.delete([f"unknown{i}" for i in range(1500)] + ["a"])  # "a" falls in the last delete batch
+    assert index.get("a") == [] and index.count(32) == index.count(64) == 1
+    assert [h.id for h in index.get("b")] == ["b"]
 
 
 def test_bad_inputs_raise_clear_errors(filled, tmp_path):
@@ -158,8 +182,8 @@ def test_bad_inputs_raise_clear_errors(filled, tmp_path):
     assert index.get("ok") == []  # nothing written
     with pytest.raises(DataError, match="modality"):
         index.upsert(64, [IndexRecord("x", "audio", bytes(8))])
-    with pytest.raises(DataError, match="contains '|'"):
-        index.upsert(64, [IndexRecord("x", "image", bytes(8), labels=("a|b",))])
+    with pytest.raises(DataError, match="control characters"):
+        index.upsert(64, [IndexRecord("x", "image", bytes(8), labels=("a\tb",))])
     with pytest.raises(DataError, match=r"shape \(Q, 8\)"):
         index.search(64, np.zeros((2, 4), dtype=np.uint8), 5)
     with pytest.raises(DataError, match=r"shape \(Q, 8\)"):
@@ -180,6 +204,8 @@ def test_bad_inputs_raise_clear_errors(filled, tmp_path):
 
 def test_second_process_is_refused_with_a_clear_message(filled):
     _, path, _ = filled
+    if path is None:
+        pytest.skip("a Milvus server takes any number of clients")
     script = f"from medhash.services.index import CodeIndex\nCodeIndex({str(path)!r}, [64])"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
@@ -232,8 +258,8 @@ def one_item(item_id: str, bits=BITS, **fields) -> dict[int, list[IndexRecord]]:
     return {b: [IndexRecord(item_id, m, bytes(b // 8), **fields) for m in ("image", "text")] for b in bits}
 
 
-def test_upsert_item_is_all_or_nothing_across_code_lengths(tmp_path):
-    index = CodeIndex(str(tmp_path / "a.db"), BITS)
+def test_upsert_item_is_all_or_nothing_across_code_lengths(make_index):
+    index = make_index(BITS)
     index.upsert_item(one_item("case1", view="AP"))
     assert all(index.count(b) == 2 for b in BITS)
     bad = one_item("case1", view="PA")
@@ -244,7 +270,6 @@ def test_upsert_item_is_all_or_nothing_across_code_lengths(tmp_path):
     with pytest.raises(DataError, match="every code length"):
         index.upsert_item({64: one_item("case2")[64]})
     assert index.get("case2") == []
-    index.close()
 
 
 def test_an_item_half_written_by_a_crash_is_completed_when_the_index_reopens(tmp_path):
@@ -268,4 +293,90 @@ index.upsert_item({{b: [IndexRecord("case9", "image", bytes(b // 8), view="AP")]
     assert [index.count(b) for b in BITS] == [1, 1, 1]
     assert index.get("case9")[0].view == "AP"
     assert not list(index._journal.glob("*"))  # the journal entry is gone once written
+    index.close()
+
+
+def test_labels_are_matched_whole_whatever_they_contain(make_index):
+    index = make_index([16])
+    index.upsert(16, [IndexRecord("a", "image", bytes(2), labels=("finding:effusion, left", "x|y")),
+                      IndexRecord("b", "image", bytes(2), labels=("finding:effusion",))])
+    query = np.zeros((1, 2), dtype=np.uint8)
+    assert [h.id for h in index.search(16, query, 5, labels=["finding:effusion, left"])[0]] == ["a"]
+    assert [h.id for h in index.search(16, query, 5, labels=["x|y", "finding:effusion, left"])[0]] == ["a"]
+    assert [h.id for h in index.search(16, query, 5, labels=["finding:effusion"])[0]] == ["b"]
+    assert index.get("a")[0].labels == ("finding:effusion, left", "x|y")
+
+
+def test_an_index_of_the_earlier_text_labels_schema_is_refused_by_name(tmp_path):
+    from pymilvus import DataType, MilvusClient
+
+    path = tmp_path / "old.db"
+    client = MilvusClient(str(path))
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("code", DataType.BINARY_VECTOR, dim=16)
+    schema.add_field("labels", DataType.VARCHAR, max_length=64)
+    client.create_collection("medhash_16", schema=schema)
+    client.close()
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(str(path.resolve()))
+    with pytest.raises(ConfigError, match="medhash_16 .* earlier medhash"):
+        CodeIndex(str(path), [16])
+
+
+def eventually(call, seconds: float = 120):
+    """``call()``, retried while a restarted server is still loading (it answers /healthz first)."""
+    import time
+
+    from grpc import RpcError
+    from pymilvus.exceptions import MilvusException
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except (MilvusException, RpcError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.mark.server
+def test_a_restarted_server_gives_the_same_answers(milvus_server):
+    """Stopped (SIGTERM, SIGKILL after 1 s) and started again on its folder (the session's server:
+    a second server on this machine would need etcd's fixed peer port)."""
+    server = milvus_server
+    index = CodeIndex(server.uri, [64], prefix="durable", ivf_nlist=16, nprobe=16)
+    codes, queries = random_codes(3000, 64, seed=3), random_codes(5, 64, seed=4)
+    index.upsert(64, records(codes))
+    index.delete(["item7"])
+    before = index.search(64, queries, K)
+    index.close()
+    server.stop()
+    server.start()
+    index = CodeIndex(server.uri, [64], prefix="durable", ivf_nlist=16, nprobe=16)
+    assert eventually(lambda: index.count(64)) == 2999 and index.get("item7") == []
+    assert index.search(64, queries, K) == before
+    index.close()
+
+
+@pytest.mark.server
+def test_a_lost_server_fails_calls_quickly_and_the_client_recovers_when_it_returns(milvus_server):
+    import time
+
+    from pymilvus.exceptions import MilvusException
+
+    server = milvus_server
+    index = CodeIndex(server.uri, [64], prefix="lost", ivf_nlist=16, nprobe=16, timeout_s=3)
+    codes = random_codes(200, 64, seed=5)
+    index.upsert(64, records(codes))
+    server.stop()
+    start = time.monotonic()
+    with pytest.raises(MilvusException, match="server unavailable"):
+        index.search(64, codes[:1], K)
+    assert time.monotonic() - start < 30  # the call's timeout, not a hang
+    server.start()
+    assert eventually(lambda: index.search(64, codes[:1], 1))[0][0].id == "item0"  # the same client reconnects
+    assert index.count(64) == 200
     index.close()
