@@ -122,15 +122,15 @@ def index_uri(tiny_run, dataset, tmp_path_factory):
     return uri
 
 
-def start(run, uri: str, port: int, options: dict | None = None, **serve_fields) -> str:
-    """(Re)start Serve and the application; the base URL."""
+def start(run, uri: str, port: int, options: dict | None = None, index=None, **serve_fields) -> str:
+    """(Re)start Serve and the application (``index``: an ``index`` section instead of the run's); the base URL."""
     from ray import serve
 
     from medhash.serving.app import build_app
 
     serve.shutdown()
     fields = dict(port=port, max_request_bytes=MAX_REQUEST_BYTES, max_image_pixels=MAX_IMAGE_PIXELS, auth_token_env=TOKEN_ENV)
-    settings = ServingConfig(serve=ServeConfig(**{**fields, **serve_fields}))
+    settings = ServingConfig(serve=ServeConfig(**{**fields, **serve_fields}), index=index)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(run.path, uri, settings, options, host="127.0.0.1"), name="medhash", route_prefix="/")
     return f"http://127.0.0.1:{port}"
@@ -541,6 +541,52 @@ def test_ingest_speed_benchmark_indexes_every_item_and_reports_both_passes(tiny_
     assert all(seconds > 0 for seconds in indexing.stages.values())
     report = format_report(encoders, indexing, 4)
     assert "| indexing |" in report and "Index throughput / encoders alone:" in report
+
+
+def index_replicas() -> int:
+    from ray import serve
+
+    states = serve.status().applications["medhash"].deployments["Index"].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+@pytest.mark.server
+def test_on_a_milvus_server_two_index_replicas_answer_and_a_lost_server_is_a_503_until_it_returns(
+        served, tiny_run, reference, dataset, milvus_server):
+    from medhash.services.config import IndexConfig
+    from medhash.services.index import open_index
+
+    index_cfg = IndexConfig(uri=milvus_server.uri, collection_prefix="serving", ivf_nlist=16, nprobe=16, timeout_s=5)
+    index = open_index(index_cfg, tiny_run.config().codes.bits)
+    try:
+        assert ingest_dataset(tiny_run, index, dataset, progress=False) == len(dataset)
+    finally:
+        index.close()
+    url = start(tiny_run, milvus_server.uri, served["port"], {"Index": {"num_replicas": 2}}, index=index_cfg,
+                require_auth=False)
+    assert index_replicas() == 2
+    item = query_items(dataset)[0]
+    query = {"text": item.report, "k": 10, "direction": "both", "bits": 32}
+    for _ in range(4):  # answered by either replica: the same exact top-k
+        answer = requests.post(f"{url}/search/text", json=query, timeout=60)
+        assert answer.status_code == 200, answer.text
+        reference.check(answer.json()["results"], reference.pipeline.text_codes([item.report], 32), "both", 32, 10)
+    before = answer.json()
+    counts = requests.get(f"{url}/healthz", timeout=30).json()["records"]
+    assert counts["64"] == 2 * len(dataset)
+
+    milvus_server.stop()
+    started = time.monotonic()
+    down = requests.post(f"{url}/search/text", json=query, timeout=120)
+    assert down.status_code == 503 and down.headers["Retry-After"] and "index" in down.json()["error"]
+    assert time.monotonic() - started < 30  # the call timeout, not a hang
+    assert requests.get(f"{url}/healthz", timeout=60).status_code == 503
+    milvus_server.start()
+    back = wait_for(lambda: requests.post(f"{url}/search/text", json=query, timeout=60).status_code == 200, 240)
+    print(f"\nIndex on a Milvus server: answering again {back:.1f} s after the server came back")
+    assert requests.post(f"{url}/search/text", json=query, timeout=60).json() == before
+    assert requests.get(f"{url}/healthz", timeout=30).json()["records"] == counts
+    wait_for(lambda: index_replicas() == 2, 120)
 
 
 def test_medhash_serve_shuts_down_cleanly_on_sigterm(served, tiny_run, index_uri):
