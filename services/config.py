@@ -81,6 +81,7 @@ class TrainConfig(Section):
     workers: int = Field(1, ge=1)  # Ray Train workers (GPU nodes in production, CPU here)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement: Literal["PACK", "SPREAD"] = "PACK"  # of the workers over Ray nodes; SPREAD: one per node where it can
     seed: int = 0
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)

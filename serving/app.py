@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import RayActorError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -254,6 +255,12 @@ class IndexUnavailable(Exception):
 async def _index_down(request: Request, exc: IndexUnavailable) -> JSONResponse:
     return error_response(503, "index_unavailable", "the index is not answering; retry in a few seconds",
                           headers={"Retry-After": "5"})
+
+
+@api.exception_handler(RayActorError)
+async def _replica_lost(request: Request, exc: RayActorError) -> JSONResponse:
+    return error_response(503, "replica_lost", "a worker of the service was lost (e.g. its node went down); "
+                          "retry in a few seconds", headers={"Retry-After": "5"})
 
 
 @api.exception_handler(RequestValidationError)

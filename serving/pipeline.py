@@ -96,7 +96,7 @@ class Hasher:
 
     @torch.inference_mode()
     def __call__(self, v: np.ndarray, bits: int) -> np.ndarray:
-        codes = self.model.codes(torch.from_numpy(np.asarray(v, dtype=np.float32)), self.check_bits(bits))
+        codes = self.model.codes(torch.tensor(np.asarray(v, dtype=np.float32)), self.check_bits(bits))
         return pack_codes(codes.numpy().astype(np.uint8))
 
     def all_bits(self, v: np.ndarray) -> dict[int, np.ndarray]:

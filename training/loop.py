@@ -41,6 +41,7 @@ class TrainState:
     best_model: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     resumed_at: list[int] = field(default_factory=list)  # epochs a restart (failure, re-run) resumed from
+    worker_nodes: list[list[str]] = field(default_factory=list)  # Ray node id of each rank, per (re)start
 
 
 def train_loop(config: dict) -> None:
@@ -60,6 +61,7 @@ def train_loop(config: dict) -> None:
         torch.optim.AdamW(parameters, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if parameters else None
     )
     state = _restore(model, optimizer)
+    state.worker_nodes.append(_node_of_each_rank(world))
     stages = model.schedule(cfg)
     train_rows, dev_rows = data.rows("train"), data.rows("dev")
 
@@ -81,6 +83,16 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             log.info(_progress_line(record, len(stages)))
         _report(record, state, model, optimizer, rank)
+
+
+def _node_of_each_rank(world: int) -> list[str]:
+    """The Ray node every worker runs on, by rank (where a spread placement put them)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node]
+    nodes = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> dict[str, float]:

@@ -129,7 +129,8 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "features": features},
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+            num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement,
         ),
         run_config=RunConfig(
             name="train",
@@ -154,6 +155,7 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
             "text_dim": int(features.text.shape[1]),
             "selected_epoch": state.best_epoch,
             "resumed_at_epochs": state.resumed_at,
+            "worker_nodes": state.worker_nodes,
             "dev_map": state.best_score,
             "workers": cfg.train.workers,
             "use_gpu": bool(use_gpu),
