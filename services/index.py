@@ -103,7 +103,7 @@ def open_index(cfg: IndexConfig, bits: Iterable[int], token: str | None = None) 
     """A :class:`CodeIndex` as the ``index`` section describes it (token: argument, else ``cfg.token_env``)."""
     return CodeIndex(resolve_uri(cfg), bits, prefix=cfg.collection_prefix,
                      token=token or os.environ.get(cfg.token_env) or None, index_type=cfg.index_type,
-                     ivf_nlist=cfg.ivf_nlist, nprobe=cfg.nprobe, timeout_s=cfg.timeout_s)
+                     ivf_nlist=cfg.ivf_nlist, nprobe=cfg.nprobe, timeout_s=cfg.timeout_s, consistency=cfg.consistency)
 
 
 class CodeIndex:
@@ -111,7 +111,8 @@ class CodeIndex:
 
     def __init__(self, uri: str, bits: Iterable[int], prefix: str = "medhash", token: str | None = None,
                  *, index_type: str = IndexConfig().index_type, ivf_nlist: int = IndexConfig().ivf_nlist,
-                 nprobe: int = IndexConfig().nprobe, timeout_s: float = IndexConfig().timeout_s):
+                 nprobe: int = IndexConfig().nprobe, timeout_s: float = IndexConfig().timeout_s,
+                 consistency: str = IndexConfig().consistency):
         self._bits = tuple(dict.fromkeys(int(b) for b in bits))
         if not self._bits:
             raise ConfigError("index: no code lengths given")
@@ -124,6 +125,7 @@ class CodeIndex:
         self._search_params = {"metric_type": "HAMMING", "params": {"nprobe": nprobe} if ivf else {}}
         self._index_params = {"nlist": ivf_nlist} if ivf else {}
         self._timeout = timeout_s if self.is_server else None  # milvus-lite: its own process, health-checked
+        self._consistency = consistency if self.is_server else "Strong"  # milvus-lite answers Strong in ms
         self._client = _connect(uri, token, timeout_s)
         for b in self._bits:
             self._ensure_collection(b)
@@ -192,6 +194,30 @@ class CodeIndex:
             in_batch = f"pk in [{', '.join(keys[start : start + _DELETE_BATCH])}]"
             for b in self._bits:
                 self._client.delete(self._collection(b), filter=in_batch, timeout=self._timeout)
+
+    def flush(self, timeout_s: float = _SETUP_TIMEOUT_S) -> None:
+        """Seal what was written and wait until a server has indexed it (its IVF index covers sealed
+        segments only; rows still growing are scanned). Bulk ingestion ends with this."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        for b in self._bits:
+            name = self._collection(b)
+            self._client.flush(name, timeout=timeout_s)
+            if not self.is_server:
+                continue
+            while True:
+                info = self._client.describe_index(name, "code", timeout=self._timeout)
+                if info.get("pending_index_rows", 0) == 0 and info.get("indexed_rows", 0) >= info.get("total_rows", 0):
+                    break
+                if time.monotonic() > deadline:
+                    raise DataError(f"{name}: the server has not indexed its rows within {timeout_s:.0f} s ({info})")
+                time.sleep(1)
+
+    def drop(self) -> None:
+        """Remove this index's collections and everything in them."""
+        for b in self._bits:
+            self._client.drop_collection(self._collection(b), timeout=_SETUP_TIMEOUT_S)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -275,12 +301,12 @@ class CodeIndex:
         from pymilvus.exceptions import MilvusException
 
         try:
-            return getattr(self._client, method)(name, timeout=self._timeout, **kwargs)
+            return getattr(self._client, method)(name, timeout=self._timeout, consistency_level=self._consistency, **kwargs)
         except MilvusException as exc:
             if "not loaded" not in str(exc.message):
                 raise
             self._client.load_collection(name, timeout=_SETUP_TIMEOUT_S)
-            return getattr(self._client, method)(name, timeout=self._timeout, **kwargs)
+            return getattr(self._client, method)(name, timeout=self._timeout, consistency_level=self._consistency, **kwargs)
 
     def _collection(self, bits: int) -> str:
         check_code_length(bits, self._bits, "collection")

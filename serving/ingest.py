@@ -40,7 +40,8 @@ def item_records(items, modality: str, codes: np.ndarray) -> list:
 
 
 def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, progress: bool = True) -> int:
-    """Upsert every item of ``dataset`` into ``index`` (a medhash.services.index.CodeIndex); returns the items indexed."""
+    """Upsert every item of ``dataset`` into ``index`` (a medhash.services.index.CodeIndex) and flush it;
+    returns the items indexed."""
     cfg, model = load_trained(run)
     features = index_features(cfg, dataset, progress)
     items = {item.id: item for item in dataset.items}
@@ -53,4 +54,5 @@ def ingest_dataset(run: RunDir, index, dataset: Dataset, batch_size: int = 256, 
             for bits in hasher.bits:
                 index.upsert(bits, [r for m in ("image", "text") for r in item_records(batch, m, hasher(v[m], bits))])
             bar.update(len(rows))
+    index.flush()  # sealed and, on a server, indexed: searches use the IVF index, not a scan of new rows
     return len(features)
