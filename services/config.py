@@ -121,8 +121,9 @@ class IndexConfig(Section):
     ivf_nlist: int = Field(1024, ge=1, le=65536)  # BIN_IVF_FLAT clusters, fixed when a collection is created
     nprobe: int = Field(16, ge=1, le=65536)  # BIN_IVF_FLAT clusters searched per query (docs/benchmarks.md: recall)
     timeout_s: float = Field(10.0, gt=0)  # per call to a server: a lost server fails the call (503), no hang
-    # reads on a server: "Session" sees this replica's own writes at once and others' within Milvus's time
-    # tick; "Strong" sees every write but waits for the tick (~400 ms a search here, docs/benchmarks.md)
+    # searches on a server: "Session" sees this replica's own writes at once and others' within Milvus's time
+    # tick; "Strong" sees every write but waits for the tick (~400 ms a search here, docs/benchmarks.md).
+    # Lookups by id and counts are always Strong.
     consistency: Literal["Session", "Bounded", "Strong"] = "Session"
 
 

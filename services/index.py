@@ -259,7 +259,8 @@ class CodeIndex:
         keys = ", ".join(_literal(f"{modality}:{item_id}") for modality in MODALITIES)
         found: dict[str, Hit] = {}
         for b in self._bits:
-            for row in self._read("query", self._collection(b), filter=f"pk in [{keys}]", output_fields=_OUTPUT_FIELDS):
+            for row in self._read("query", self._collection(b), strong=True, filter=f"pk in [{keys}]",
+                                  output_fields=_OUTPUT_FIELDS):
                 found.setdefault(row["modality"], _hit(row, 0))
         return [found[m] for m in MODALITIES if m in found]
 
@@ -272,7 +273,7 @@ class CodeIndex:
                    (("patient_id", own[0].patient_id), ("study_id", own[0].study_id)) if value]
         if not clauses:
             return []
-        rows = self._read("query", self._collection(self._bits[0]), filter=" or ".join(clauses),
+        rows = self._read("query", self._collection(self._bits[0]), strong=True, filter=" or ".join(clauses),
                           output_fields=_OUTPUT_FIELDS, limit=min(4 * limit, MAX_TOP_K))
         found: dict[str, Hit] = {}
         for row in sorted(rows, key=lambda r: (r["id"], MODALITIES.index(r["modality"]))):
@@ -282,7 +283,7 @@ class CodeIndex:
 
     def count(self, bits: int) -> int:
         """Number of records (both modalities) in the ``bits`` collection."""
-        rows = self._read("query", self._collection(bits), filter="", output_fields=["count(*)"])
+        rows = self._read("query", self._collection(bits), strong=True, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def close(self) -> None:
@@ -295,18 +296,20 @@ class CodeIndex:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _read(self, method: str, name: str, **kwargs):
-        """``client.<method>(name, ...)`` with the call timeout; a collection a restarted server has not
-        loaded yet is loaded and the call made again."""
+    def _read(self, method: str, name: str, strong: bool = False, **kwargs):
+        """``client.<method>(name, ...)`` with the call timeout and the read consistency (``strong``: every
+        write seen, for lookups by id and counts); a collection a restarted server has not loaded yet is
+        loaded and the call made again."""
         from pymilvus.exceptions import MilvusException
 
+        level = "Strong" if strong else self._consistency
         try:
-            return getattr(self._client, method)(name, timeout=self._timeout, consistency_level=self._consistency, **kwargs)
+            return getattr(self._client, method)(name, timeout=self._timeout, consistency_level=level, **kwargs)
         except MilvusException as exc:
             if "not loaded" not in str(exc.message):
                 raise
             self._client.load_collection(name, timeout=_SETUP_TIMEOUT_S)
-            return getattr(self._client, method)(name, timeout=self._timeout, consistency_level=self._consistency, **kwargs)
+            return getattr(self._client, method)(name, timeout=self._timeout, consistency_level=level, **kwargs)
 
     def _collection(self, bits: int) -> str:
         check_code_length(bits, self._bits, "collection")

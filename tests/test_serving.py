@@ -122,15 +122,15 @@ def index_uri(tiny_run, dataset, tmp_path_factory):
     return uri
 
 
-def start(run, uri: str, port: int, options: dict | None = None, index=None, **serve_fields) -> str:
-    """(Re)start Serve and the application (``index``: an ``index`` section instead of the run's); the base URL."""
+def start(run, uri: str, port: int, options: dict | None = None, index_section=None, **serve_fields) -> str:
+    """(Re)start Serve and the application (``index_section`` instead of the run's); the base URL."""
     from ray import serve
 
     from medhash.serving.app import build_app
 
     serve.shutdown()
     fields = dict(port=port, max_request_bytes=MAX_REQUEST_BYTES, max_image_pixels=MAX_IMAGE_PIXELS, auth_token_env=TOKEN_ENV)
-    settings = ServingConfig(serve=ServeConfig(**{**fields, **serve_fields}), index=index)
+    settings = ServingConfig(serve=ServeConfig(**{**fields, **serve_fields}), index=index_section)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(run.path, uri, settings, options, host="127.0.0.1"), name="medhash", route_prefix="/")
     return f"http://127.0.0.1:{port}"
@@ -562,7 +562,7 @@ def test_on_a_milvus_server_two_index_replicas_answer_and_a_lost_server_is_a_503
         assert ingest_dataset(tiny_run, index, dataset, progress=False) == len(dataset)
     finally:
         index.close()
-    url = start(tiny_run, milvus_server.uri, served["port"], {"Index": {"num_replicas": 2}}, index=index_cfg,
+    url = start(tiny_run, milvus_server.uri, served["port"], {"Index": {"num_replicas": 2}}, index_section=index_cfg,
                 require_auth=False)
     assert index_replicas() == 2
     item = query_items(dataset)[0]
