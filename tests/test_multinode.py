@@ -194,5 +194,15 @@ def test_serve_replicas_spread_over_both_nodes_and_survive_losing_one(cluster, p
     wait_for(lambda: all(len(replicas_by_node().get(name, [])) == 2 for name in ("TextEncoder", "Hasher", "Index")),
              180, "the lost replicas to come back")
     after = requests.post(f"{url}/search/text", json={"text": text, "k": 5}, timeout=60)
-    assert after.status_code == 200 and after.json()["results"] == before.json()["results"]
+    assert after.status_code == 200
+    assert same_top_k(after.json()["results"], before.json()["results"])
     serve.shutdown()
+
+
+def same_top_k(results: list[dict], expected: list[dict]) -> bool:
+    """The same distances, and the same items strictly inside the k-th distance (which of the items tied
+    at it make the top k is Milvus's choice, services/index.py)."""
+    def inside(rows):
+        return {(r["id"], r["modality"]) for r in rows if r["distance"] < rows[-1]["distance"]}
+
+    return [r["distance"] for r in results] == [r["distance"] for r in expected] and inside(results) == inside(expected)
