@@ -21,6 +21,7 @@ import hashlib
 import os
 import pickle
 import re
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -198,8 +199,6 @@ class CodeIndex:
     def flush(self, timeout_s: float = _SETUP_TIMEOUT_S) -> None:
         """Seal what was written and wait until a server has indexed it (its IVF index covers sealed
         segments only; rows still growing are scanned). Bulk ingestion ends with this."""
-        import time
-
         deadline = time.monotonic() + timeout_s
         for b in self._bits:
             name = self._collection(b)

@@ -1,12 +1,30 @@
 """Shared fixtures: the real data folder beside the checkout, and a private cache per session."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(os.environ.get("MEDHASH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def registered_checkpoints(run: Path) -> int:
+    """Checkpoints the Ray Train controller of a run directory has registered (a restart resumes from the latest)."""
+    snapshot = run / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 @pytest.fixture(scope="session")
@@ -86,10 +104,6 @@ class MilvusServerProcess:
 
     def stop(self) -> None:
         self._server.stop()  # SIGTERM, then SIGKILL after 1 s
-
-    @property
-    def running(self) -> bool:
-        return self._server.running
 
 
 @pytest.fixture(scope="session")

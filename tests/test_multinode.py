@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import free_port, registered_checkpoints
 from medhash.services.config import IndexConfig, load_config
 from medhash.services.data import open_dataset
 from medhash.services.features.featureset import build_featureset, limit_per_split
@@ -68,13 +69,6 @@ def worker_node(cluster):
         nodes = [cluster.add_node(num_cpus=2)]
         cluster.wait_for_nodes()
     return nodes[0]
-
-
-def registered_checkpoints(run: Path) -> int:
-    try:
-        return len(json.loads((run / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def wait_for(condition, timeout_s: float, what: str) -> float:
@@ -164,9 +158,7 @@ def test_serve_replicas_spread_over_both_nodes_and_survive_losing_one(cluster, p
         ingest_dataset(packed_run, index, dataset, progress=False)
     finally:
         index.close()
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     two = {"num_replicas": 2}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServingConfig(serve=ServeConfig(port=port, require_auth=False), index=index_cfg)

@@ -8,7 +8,6 @@ with auth on, and autoscaling of the TextEncoder under load from another process
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
+from conftest import free_port
 from medhash.serving.ingest import index_features, ingest_dataset
 from medhash.serving.pipeline import Pipeline
 from medhash.services.codes import hamming_distances
@@ -42,12 +42,6 @@ def tiny_config(shared_data: Path):
         "data.root": shared_data / "medpix2", "llm.name": "tiny-random", "train.epochs": 1, "train.limit_items": 60,
         "method_params.lsch.align_epochs": 1, "method_params.lsch.rbm_epochs": 1,
     })
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import registered_checkpoints
 from medhash.services.codes import hamming_distances, load_codes_npz
 from medhash.services.config import load_config
 from medhash.services.errors import ConfigError
@@ -211,15 +212,6 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def _registered_checkpoints(run: Path) -> int:
-    """Checkpoints the Ray Train controller has registered (a restart resumes from the latest)."""
-    snapshot = run / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snapshot.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 @pytest.mark.real
 def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_features, ray_cluster, tmp_path):
     cfg = tiny_config(shared_data, epochs=6)
@@ -227,7 +219,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_feat
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("run", train(cfg, run_path, tiny_features)))
     thread.start()
-    _wait_for(lambda: _registered_checkpoints(run_path) >= 2, 300, "two registered checkpoints")
+    _wait_for(lambda: registered_checkpoints(run_path) >= 2, 300, "two registered checkpoints")
     pids = _worker_pids()
     assert pids, "no Ray Train worker process found"
     os.kill(pids[0], signal.SIGKILL)
@@ -252,7 +244,7 @@ def test_an_interrupted_run_resumes_when_started_again(shared_data, tiny_feature
     command = [sys.executable, "-m", "medhash.services.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
 
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: _registered_checkpoints(tmp_path / "run") >= 2, 300, "two registered checkpoints")
+    _wait_for(lambda: registered_checkpoints(tmp_path / "run") >= 2, 300, "two registered checkpoints")
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) != 0
     assert not (tmp_path / "run" / "meta.json").exists()

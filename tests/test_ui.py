@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from conftest import free_port
 from medhash.services.config import load_config
 from medhash.services.data import open_dataset
 from medhash.services.features.featureset import limit_per_split
@@ -25,12 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"  # screenshots of the browser test, kept after the run
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 USER, PASSWORD = "radiologist", "test-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen | None = None):
