@@ -348,26 +348,36 @@ def _journal_dir(uri: str, prefix: str) -> Path:
 
 
 def _connect(uri: str, token: str | None, timeout_s: float):
-    """A MilvusClient for ``uri``; a milvus-lite file gets its folder created."""
+    """A MilvusClient for ``uri``; a milvus-lite file gets its folder created.
+
+    milvus-lite starts its process and gives it half a second; on a loaded machine its socket may
+    appear later, so connecting to a file is retried until ``timeout_s`` (at least 30 s) has passed.
+    """
     from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
 
-    if not uri.startswith(_SERVER_SCHEMES):
+    lite = not uri.startswith(_SERVER_SCHEMES)
+    if lite:
         if "://" in uri:
             raise ConfigError(f"index uri {uri!r}: expected a milvus-lite file (*.db) or http://, https://, tcp://")
         if not uri.endswith(".db"):
             raise ConfigError(f"index uri {uri!r}: a milvus-lite file name must end in .db")
         Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
         uri = str(Path(uri).expanduser().resolve())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # milvus-lite's pkg_resources deprecation notice
-            return MilvusClient(uri=uri, token=token or "", timeout=max(timeout_s, 30.0))
-    except MilvusException as exc:
-        if exc.message == "Open local milvus failed":
-            raise ConfigError(f"another process owns {uri}; only one process may open a milvus-lite file "
-                              f"— use a Milvus server URI to scale out") from exc
-        raise ConfigError(f"cannot open the Milvus index at {uri}: {exc.message}") from exc
+    timeout_s = max(timeout_s, 30.0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # milvus-lite's pkg_resources deprecation notice
+                return MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
+        except MilvusException as exc:
+            if exc.message == "Open local milvus failed":
+                raise ConfigError(f"another process owns {uri}; only one process may open a milvus-lite file "
+                                  f"— use a Milvus server URI to scale out") from exc
+            if not (lite and exc.message.startswith("Fail connecting") and time.monotonic() < deadline):
+                raise ConfigError(f"cannot open the Milvus index at {uri}: {exc.message}") from exc
+        time.sleep(0.5)
 
 
 def _row(record: IndexRecord, bits: int) -> dict:

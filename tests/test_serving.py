@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, wait_for
 from medhash.serving.ingest import index_features, ingest_dataset
 from medhash.serving.pipeline import Pipeline
 from medhash.services.codes import hamming_distances
@@ -413,15 +413,6 @@ def text_replicas() -> int:
     return int(states.get("RUNNING", 0))
 
 
-def wait_for(condition, timeout_s: float) -> float:
-    """Seconds until ``condition()`` held; fails after ``timeout_s``."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"not within {timeout_s} s"
-        time.sleep(0.5)
-    return time.monotonic() - started
-
-
 def test_text_encoder_scales_out_under_load_and_back_in(served, tiny_run, index_uri, dataset):
     one = DeploymentResources(min_replicas=1, max_replicas=1)
     autoscaling = {
@@ -579,6 +570,7 @@ def test_on_a_milvus_server_two_index_replicas_answer_and_a_lost_server_is_a_503
     back = wait_for(lambda: requests.post(f"{url}/search/text", json=query, timeout=60).status_code == 200, 240)
     print(f"\nIndex on a Milvus server: answering again {back:.1f} s after the server came back")
     assert requests.post(f"{url}/search/text", json=query, timeout=60).json() == before
+    wait_for(lambda: requests.get(f"{url}/healthz", timeout=30).status_code == 200, 120)  # its reads may lag
     assert requests.get(f"{url}/healthz", timeout=30).json()["records"] == counts
     wait_for(lambda: index_replicas() == 2, 120)
 
