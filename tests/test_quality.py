@@ -64,6 +64,7 @@ def test_every_method_trains_through_ray_train_on_tiny_data_and_beats_random_cod
     raw = yaml.safe_load((CONFIGS / "medpix2-baselines-tiny.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
     raw["train"]["limit_items"] = 60  # CI's time
+    raw["train"]["epochs"] = 8
     (tmp_path / "baselines.yaml").write_text(yaml.safe_dump(raw))
     split_file = swapped_split_file(tmp_path / "baselines.yaml", tmp_path / "split.csv")  # an evaluator's own split
     methods = [m for m in DEFAULT_METHODS if m != "lsch"]  # LSCH's own Ray Train tests are in test_training.py

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import registered_checkpoints
+from conftest import registered_checkpoints, wait_for
 from medhash.services.codes import hamming_distances, load_codes_npz
 from medhash.services.config import load_config
 from medhash.services.errors import ConfigError
@@ -56,6 +56,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_worker_run(shared_data, tiny_features, ray_cluster, tmp_path_factory) -> Path:
+    """The tiny LSCH config trained once on one Ray Train worker (two tests read it)."""
+    path = tmp_path_factory.mktemp("one-worker") / "run"
+    train(tiny_config(shared_data), path, tiny_features)
+    return path
+
+
 def random_code_map(features, bits: int, seeds: int = 5) -> float:
     """MAP@all (labels, I2T) of random codes on the same query / database items."""
     query, db = features.rows("query"), np.flatnonzero(features.splits != "query")
@@ -72,17 +80,16 @@ def random_code_map(features, bits: int, seeds: int = 5) -> float:
 
 
 @pytest.mark.real
-def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_features, ray_cluster, tmp_path):
-    cfg = tiny_config(shared_data)
-    run = train(cfg, tmp_path / "run", tiny_features)
+def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_features, one_worker_run, tmp_path):
+    run = RunDir(one_worker_run)
     for name in ("config.yaml", "model.safetensors", "labels.json", "history.json", "loss.png", "meta.json"):
-        assert (tmp_path / "run" / name).is_file(), name
+        assert (one_worker_run / name).is_file(), name
     meta = run.meta()
     assert meta["items"] == {"train": 100, "dev": 100, "query": 100}
     assert len(meta["git_commit"]) in (40, len("unknown"))
     assert run.config().data.root == (shared_data / "medpix2").resolve()  # eval / index / demo need no MEDHASH_DATA
 
-    results = evaluate_run(tmp_path / "run", tmp_path / "eval", features=tiny_features)
+    results = evaluate_run(one_worker_run, tmp_path / "eval", features=tiny_features)
     baseline = random_code_map(tiny_features, 32)
     for direction in ("i2t", "t2i"):
         assert results["bits"]["32"]["labels"][direction]["map@all"] > baseline + 0.08
@@ -98,12 +105,11 @@ def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_featur
 
 
 @pytest.mark.real
-def test_one_and_two_workers_reach_the_same_map(shared_data, tiny_features, ray_cluster, tmp_path):
+def test_one_and_two_workers_reach_the_same_map(shared_data, tiny_features, one_worker_run, tmp_path):
+    train(tiny_config(shared_data, workers=2), tmp_path / "run2", tiny_features)
     maps = {}
-    for workers in (1, 2):
-        cfg = tiny_config(shared_data, workers=workers)
-        train(cfg, tmp_path / f"run{workers}", tiny_features)
-        results = evaluate_run(tmp_path / f"run{workers}", tmp_path / f"eval{workers}", features=tiny_features)
+    for workers, run in ((1, one_worker_run), (2, tmp_path / "run2")):
+        results = evaluate_run(run, tmp_path / f"eval{workers}", features=tiny_features)
         maps[workers] = np.mean([results["bits"]["32"]["labels"][d]["map@all"] for d in ("i2t", "t2i")])
     assert abs(maps[1] - maps[2]) < 0.06, maps
 
@@ -204,14 +210,6 @@ def _worker_pids() -> list[int]:
     return pids
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 @pytest.mark.real
 def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_features, ray_cluster, tmp_path):
     cfg = tiny_config(shared_data, epochs=6)
@@ -219,7 +217,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_feat
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("run", train(cfg, run_path, tiny_features)))
     thread.start()
-    _wait_for(lambda: registered_checkpoints(run_path) >= 2, 300, "two registered checkpoints")
+    wait_for(lambda: registered_checkpoints(run_path) >= 2, 300, "two registered checkpoints")
     pids = _worker_pids()
     assert pids, "no Ray Train worker process found"
     os.kill(pids[0], signal.SIGKILL)
@@ -239,12 +237,12 @@ def test_an_interrupted_run_resumes_when_started_again(shared_data, tiny_feature
     raw = yaml.safe_load((CONFIGS / "medpix2-lsch-tiny.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
     raw["llm"]["name"] = "tiny-random"
-    raw["train"]["epochs"] = 8
+    raw["train"]["epochs"] = 5
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "medhash.services.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
 
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: registered_checkpoints(tmp_path / "run") >= 2, 300, "two registered checkpoints")
+    wait_for(lambda: registered_checkpoints(tmp_path / "run") >= 2, 300, "two registered checkpoints")
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) != 0
     assert not (tmp_path / "run" / "meta.json").exists()
@@ -253,7 +251,7 @@ def test_an_interrupted_run_resumes_when_started_again(shared_data, tiny_feature
     assert second.returncode == 0, second.stderr[-2000:]
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["resumed_at_epochs"] and meta["resumed_at_epochs"][0] >= 2
-    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 3 + 1 + 8
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 3 + 1 + 5
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
