@@ -10,7 +10,9 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``stages``: the full model and each stage switched off in turn (method.md's ablation).
 - ``negatives``: which items the contrastive term may push apart, and the manifold weight alpha;
 - ``classification``: the label-classification constraint on the codes (gamma) with alpha;
-  run these two with ``--on dev`` (dev queries against train) to choose a setting without the queries.
+- ``loss``: the dev-selected defaults (pairwise label term, MLP encoding layers, plain InfoNCE, no CD
+  pre-training, no text views) against the previous ones and against each choice undone;
+  run the last three with ``--on dev`` (dev queries against train) to choose a setting without the queries.
 
 Finished runs are skipped, so an interrupted study resumes.
 """
@@ -22,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from medhash.benchmarks.runs import slug, trained_results
-from medhash.services.config import load_config
+from medhash.services.config import load_config, parse_assignments
 
 STUDIES = {
     "stages": {
         "LSCH (full)": {},
-        "w/o augmentation": {"augment.use_views": False},
+        "with augmentation (extractive views)": {"augment.use_views": True},  # views are off by default
         "w/o structured encoding": {"use_structured_encoding": False},
         "w/o soft prompt": {"use_soft_prompt": False},
         "w/o hard prompt": {"use_hard_prompt": False},
@@ -43,20 +45,34 @@ STUDIES = {
     "classification": {  # compare with the "negatives" study's shared_label rows (gamma 0)
         f"alpha 2.0, gamma {gamma}": {"alpha": 2.0, "classification_weight": gamma} for gamma in (1.0, 5.0)
     },
+    "loss": {  # the defaults chosen on dev, against the previous ones and one change at a time
+        "previous defaults": {
+            "label_weight": 0.0, "false_negatives": "shared_label", "alpha": 0.5, "beta": 0.8, "encoder_hidden": 0,
+            "align_epochs": 2, "rbm_epochs": 1, "augment.use_views": True,
+        },
+        "defaults": {},
+        "+ CD pre-training (2 align + 1 CD epochs)": {"align_epochs": 2, "rbm_epochs": 1},
+        "+ extractive text views": {"augment.use_views": True},
+        "graded label targets": {"label_target": "graded"},
+        "+ manifold term (alpha 0.5)": {"alpha": 0.5},
+    },
 }
 
 
 def run_study(
     config: Path, bits: int, out: Path, study: str = "stages", seeds=(0,), on: str = "query",
-    root: Path | None = None,
+    root: Path | None = None, overrides: dict | None = None,
 ) -> str:
-    """Train and evaluate every variant of ``study`` for each seed; return (and write) the table."""
+    """Train and evaluate every variant of ``study`` for each seed; return (and write) the table.
+
+    ``overrides`` (dotted keys, as ``--set``) apply to every variant, before its own switches."""
     rows = []
     for name, switches in STUDIES[study].items():
         per_seed = []
         for seed in seeds:
             switches = {k if "." in k else f"method_params.lsch.{k}": v for k, v in switches.items()}
-            cfg = load_config(config, {"data.root": root, "codes.bits": (bits,), "train.seed": seed, **switches})
+            cfg = load_config(config, {"data.root": root, "codes.bits": (bits,), "train.seed": seed,
+                                       **(overrides or {}), **switches})
             results, wall_s = trained_results(cfg, out / slug(name) / f"seed{seed}", on)
             per_seed.append((results["bits"][str(bits)], wall_s))
         rows.append((name, per_seed))
@@ -96,10 +112,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
     parser.add_argument("--on", choices=("query", "dev"), default="query", help="dev: tune without the queries")
     parser.add_argument("--root", type=Path)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a config value for every variant, e.g. --set method_params.lsch.use_llm=false")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    print(run_study(args.config, args.bits, args.out, args.study, seeds, args.on, args.root))
+    print(run_study(args.config, args.bits, args.out, args.study, seeds, args.on, args.root,
+                    parse_assignments(args.set)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from medhash.services.methods.losses import (
     contrastive_loss,
     false_negative_mask,
     hard_negative_weights,
+    label_similarity,
     manifold_similarity,
+    pairwise_label_loss,
 )
 from medhash.services.evaluation.metrics import hamming_metrics, label_relevance
 
@@ -82,7 +84,7 @@ def test_llm_is_frozen_and_only_prompts_projections_heads_train():
     optimizer.step()
     assert all(torch.equal(p, llm_before[n]) for n, p in model.prompted.llm.named_parameters())
     after = dict(model.named_parameters())
-    for name in ("prompted.soft_prompt", "image_tokens.proj.weight", "text_tokens.proj.weight", "heads.16.W"):
+    for name in ("prompted.soft_prompt", "image_tokens.proj.0.weight", "text_tokens.proj.2.weight", "heads.16.W"):
         assert not torch.equal(after[name], trainable_before[name]), name
     assert set(trainable_before) == {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -166,7 +168,8 @@ def test_gbrbm_pretrain_loss_trains_heads_only():
     loss = model.gbrbm_pretrain_loss(v)
     loss.backward()
     assert torch.isfinite(loss)
-    assert model.heads["16"].W.grad is not None and model.image_tokens.proj.weight.grad is None
+    assert model.heads["16"].W.grad is not None
+    assert all(p.grad is None for p in model.image_tokens.parameters())
 
 
 def test_state_dict_trainable_round_trip(tmp_path):
@@ -239,6 +242,52 @@ def test_false_negative_policies():
     assert torch.isclose(
         contrastive_loss(a, b, torch.ones(5, 1), 0.2, 0.0, "none"), contrastive_loss(a, b, None, 0.2, 0.0)
     )
+
+
+def test_label_similarity_shared_and_graded():
+    labels = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]]).float()
+    shared, known = label_similarity(labels, "shared")
+    graded, _ = label_similarity(labels, "graded")
+    assert shared[0, 1] == 1 and shared[0, 2] == 0 and torch.isclose(graded[0, 0], torch.tensor(1.0))
+    assert torch.isclose(graded[0, 1], torch.tensor(2 ** -0.5)) and graded[0, 2] == 0  # region only < same labels
+    assert known[:3, :3].all() and not known[3].any() and not known[:, 3].any()
+
+
+def test_pairwise_label_loss_by_hand_and_its_gradient_separates_label_groups():
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]]).float()
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    cosine = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    target = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]]).float()
+    expected = F.binary_cross_entropy_with_logits(5 * cosine[:3, :3], target)  # the unlabelled row takes no part
+    assert torch.isclose(pairwise_label_loss(a, b, labels, 5.0), expected)
+    assert pairwise_label_loss(a, b, None, 5.0) == 0 and pairwise_label_loss(a, b, torch.zeros(4, 2), 5.0) == 0
+    a.requires_grad_(True)
+    pairwise_label_loss(a, b, labels, 5.0).backward()
+    step = a.detach() - 0.5 * a.grad
+    after = F.normalize(step, dim=1) @ F.normalize(b, dim=1).T
+    assert after[0, 1] > cosine[0, 1] and after[0, 2] < cosine[0, 2]  # same label closer, other label apart
+
+
+def test_encoding_layers_are_mlps_when_given_a_hidden_width():
+    model = build(use_llm=False, encoder_hidden=16)
+    assert [type(m).__name__ for m in model.image_tokens.proj] == ["Linear", "GELU", "Linear"]
+    assert model.image_tokens.proj[0].out_features == 16 and model.text_tokens.proj[0].in_features == TEXT_DIM
+    z, t, labels = batch()
+    assert model.embed_image(z).shape == model.embed_text(t).shape == (8, model.dim)
+    assert isinstance(build(use_llm=False, encoder_hidden=0).image_tokens.proj, torch.nn.Linear)  # 0: one linear map
+
+
+def test_label_term_enters_both_stages_only_when_switched_on():
+    z, t, labels = batch()
+    model = build(use_llm=False, label_weight=10.0, label_target="graded")
+    _, joint = lsch_loss(model, z, t, labels, model.params)
+    _, align = alignment_loss(model, z, t, labels, model.params)
+    assert joint["label"] > 0 and align["label_v"] > 0
+    assert joint["total"] > joint["contrastive"] + 10.0 * joint["label"] - 1e-4
+    without = build(use_llm=False, label_weight=0.0)
+    assert "label" not in lsch_loss(without, z, t, labels, without.params)[1]
+    assert "label_v" not in alignment_loss(without, z, t, labels, without.params)[1]
 
 
 def test_manifold_similarity_labels_and_knn():

@@ -6,13 +6,19 @@ from torch import nn
 
 
 class TokenProjection(nn.Module):
-    """Features [B, in] -> m tokens [B, m, d] at the scale ``token_scale`` per coordinate."""
+    """Features [B, in] -> m tokens [B, m, d] at the scale ``token_scale`` per coordinate.
 
-    def __init__(self, in_dim: int, n_tokens: int, dim: int, token_scale: float) -> None:
+    With ``hidden`` > 0 the map is a two-layer MLP (Linear -> GELU -> Linear), else one linear map.
+    """
+
+    def __init__(self, in_dim: int, n_tokens: int, dim: int, token_scale: float, hidden: int = 0) -> None:
         super().__init__()
         self.n_tokens, self.dim, self.token_scale = n_tokens, dim, token_scale
         self.norm_in = nn.LayerNorm(in_dim)
-        self.proj = nn.Linear(in_dim, n_tokens * dim)
+        self.proj = (
+            nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_tokens * dim))
+            if hidden else nn.Linear(in_dim, n_tokens * dim)
+        )
         self.position = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
         self.norm_out = nn.LayerNorm(dim)
 

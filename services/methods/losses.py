@@ -3,6 +3,7 @@
 - :func:`contrastive_loss`, symmetric InfoNCE with false-negative masking (:func:`false_negative_mask`)
   and hard-negative re-weighting (:func:`hard_negative_weights`, Robinson et al. 2021);
 - :func:`manifold_similarity` (label cosine blended with a feature kNN graph) and :func:`manifold_loss`;
+- :func:`label_similarity` and :func:`pairwise_label_loss` (every cross-modal pair scored against its labels);
 - :func:`quantization_loss`, :func:`balance_loss` and :func:`classification_loss`.
 
 How a method combines them is the method's own (e.g. :mod:`medhash.services.methods.lsch`).
@@ -113,6 +114,40 @@ def manifold_loss(ux: torch.Tensor, uy: torch.Tensor, similarity: torch.Tensor) 
         return ((1 + a @ b.T / bits) / 2 - similarity).pow(2).mean()
 
     return mse(ux, uy) + 0.5 * (mse(ux, ux) + mse(uy, uy))
+
+
+def label_similarity(labels: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S [n, n] in [0, 1], known [n, n] bool) from multi-hot labels [n, C].
+
+    ``target`` "shared": S_ij = 1 when i and j share any label, else 0; "graded": S_ij = the cosine of
+    their label vectors, so items that share every label rank above items that share a body region
+    only. ``known`` marks the pairs where both rows have labels (a zero row: unknown).
+    """
+    labels = labels.float()
+    has = labels.sum(dim=1) > 0
+    known = has[:, None] & has[None, :]
+    if target == "shared":
+        return (labels @ labels.T > 0).float(), known
+    unit = F.normalize(labels, dim=1)
+    return (unit @ unit.T).clamp(0, 1), known
+
+
+def pairwise_label_loss(
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None, scale: float, target: str = "shared"
+) -> torch.Tensor:
+    """Mean BCE of sigmoid(scale * cos(a_i, b_j)) against S_ij (:func:`label_similarity`) over every
+    pair of rows whose labels are known; zero when no pair is.
+
+    Unlike a false-negative mask, this pulls label-sharing items together and pushes the rest apart
+    across the whole batch (the label-supervised term of the evaluation notes' reference floor).
+    """
+    if labels is None:
+        return a.new_zeros(())
+    similarity, known = label_similarity(labels.to(a.device), target)
+    if not known.any():
+        return a.new_zeros(())
+    logits = scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T)
+    return F.binary_cross_entropy_with_logits(logits[known], similarity[known])
 
 
 def quantization_loss(u: torch.Tensor) -> torch.Tensor:
