@@ -335,8 +335,9 @@ def test_a_refused_reingest_changes_nothing(served, dataset):
     assert refused.status_code == 400 and "patient_id" in refused.json()["error"]
     assert requests.get(f"{url}/items/reingest-1", timeout=30).json() == before
     assert requests.get(url + before["image_url"], timeout=30).content == image_before
-    hits = requests.post(f"{url}/search/text", json={"text": form["report"], "direction": "reports", "k": 1}, timeout=60)
-    assert hits.json()["results"][0]["id"] == "reingest-1" and hits.json()["results"][0]["distance"] == 0
+    hits = requests.post(f"{url}/search/text", json={"text": form["report"], "direction": "reports", "k": 100}, timeout=60)
+    ours = [hit["distance"] for hit in hits.json()["results"] if hit["id"] == "reingest-1"]
+    assert ours == [0]  # still the first report's codes (other reports may share them: ties come in any order)
 
 
 def test_a_label_with_a_comma_filters_on_both_routes(served, dataset):
