@@ -5,7 +5,8 @@ item's metadata; the primary key is ``"<modality>:<id>"``, so re-upserting an it
 A ``.db`` path opens a milvus-lite file (exact ``BIN_FLAT`` scan; one process per file); an
 ``http(s)://`` or ``tcp://`` URI opens a Milvus server (``index.index_type``, ``BIN_IVF_FLAT`` by
 default; replicas scale out). Labels are an ``ARRAY`` of strings, matched whole by ``array_contains_all``
-(Milvus 2.3 servers match ``like`` by prefix only).
+(Milvus 2.3 servers match ``like`` by prefix only). The view is matched without regard to case: each
+row also stores it case-folded (``view_key``), and the filter compares that.
 
 Writing one item is all-or-nothing across code lengths (:meth:`CodeIndex.upsert_item`): the item's
 records are journalled to a file before the first upsert and the file is removed after the last, so
@@ -36,10 +37,11 @@ MODALITIES = ("image", "text")
 MAX_TOP_K = 16384  # Milvus's limit on k
 _SERVER_SCHEMES = ("http://", "https://", "tcp://")
 _MAX_BYTES = {"pk": 520, "id": 512, "modality": 8, "patient_id": 256, "study_id": 256, "view": 64,
-              "snippet": 2048, "image_ref": 2048}  # VARCHAR max_length of each text field
+              "view_key": 256, "snippet": 2048, "image_ref": 2048}  # VARCHAR max_length of each text field
 MAX_LABELS, MAX_LABEL_BYTES = 256, 256  # the labels ARRAY: elements per item, bytes per element
 _OUTPUT_FIELDS = ["id", "modality", "patient_id", "study_id", "labels", "view", "snippet", "image_ref"]
 _UPSERT_BATCH = 10_000  # rows per Milvus call
+_SCAN_BATCH = 10_000  # rows per page when listing the views
 MAX_FILTER_LABELS = 16  # labels one search may require (Milvus fails on long filter expressions)
 MAX_FILTER_CHARS = 256  # characters of one label or view filter
 ITEM_ID = re.compile(r"[^\s/\\][^/\\\x00-\x1f\x7f]{0,255}")  # no slashes or control characters: ids are URL path segments
@@ -224,8 +226,8 @@ class CodeIndex:
                labels: Sequence[str] = (), view: str | None = None) -> list[list[Hit]]:
         """The ``k`` nearest codes by Hamming distance for each packed query code (uint8 ``[Q, bits//8]``).
 
-        Filters: ``modality`` ("image" / "text"), ``labels`` (an item must carry all of them), ``view``;
-        None or empty means no filter.
+        Filters: ``modality`` ("image" / "text"), ``labels`` (an item must carry all of them), ``view``
+        (in any case: "axial" finds "Axial"); None or empty means no filter.
         Each query's hits are sorted by (distance, id, modality); see the module docstring on ties.
         """
         name = self._collection(bits)
@@ -242,7 +244,7 @@ class CodeIndex:
             return []
         clauses = [f"modality == {_literal(modality)}"] if modality else []
         clauses += [f"array_contains_all(labels, [{', '.join(_literal(label) for label in labels)}])"] if labels else []
-        clauses += [f"view == {_literal(view)}"] if view else []
+        clauses += [f"view_key == {_literal(view.casefold())}"] if view else []
         results = self._read(
             "search", name, data=[row.tobytes() for row in codes], anns_field="code", limit=k,
             search_params=self._search_params, output_fields=_OUTPUT_FIELDS, filter=" and ".join(clauses),
@@ -279,6 +281,24 @@ class CodeIndex:
             if row["id"] != item_id:
                 found.setdefault(row["id"], _hit(row, 0))
         return list(found.values())[:limit]
+
+    def views(self, max_rows: int) -> tuple[list[str], bool]:
+        """The distinct views of the indexed items (one spelling per case-folded view, sorted) from at most
+        ``max_rows`` image records of the first code length, and whether that covered every image record."""
+        name, seen, scanned = self._collection(self._bits[0]), {}, 0
+        pages = self._client.query_iterator(name, batch_size=min(_SCAN_BATCH, max_rows), limit=max_rows,
+                                            filter='modality == "image"', output_fields=["view"], timeout=self._timeout)
+        try:
+            while rows := pages.next():
+                scanned += len(rows)
+                for row in rows:
+                    if row["view"]:
+                        seen.setdefault(row["view"].casefold(), row["view"])
+        finally:
+            pages.close()
+        complete = scanned < max_rows or self._read("query", name, strong=True, filter='modality == "image"',
+                                                    output_fields=["count(*)"])[0]["count(*)"] <= max_rows
+        return sorted(seen.values(), key=str.casefold), complete
 
     def count(self, bits: int) -> int:
         """Number of records (both modalities) in the ``bits`` collection."""
@@ -320,15 +340,15 @@ class CodeIndex:
         name = self._collection(bits)
         if self._client.has_collection(name, timeout=_SETUP_TIMEOUT_S):
             fields = {f["name"]: f["type"] for f in self._client.describe_collection(name, timeout=_SETUP_TIMEOUT_S)["fields"]}
-            if fields.get("labels") != DataType.ARRAY:
-                raise ConfigError(f"collection {name} at {self.uri} was written by an earlier medhash (labels as text); "
-                                  f"index the run again into a new file or collection_prefix")
+            if fields.get("labels") != DataType.ARRAY or "view_key" not in fields:
+                raise ConfigError(f"collection {name} at {self.uri} was written by an earlier medhash (labels as text or "
+                                  f"no case-folded view); index the run again into a new file or collection_prefix")
             self._client.load_collection(name, timeout=_SETUP_TIMEOUT_S)
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=_MAX_BYTES["pk"])
         schema.add_field("code", DataType.BINARY_VECTOR, dim=bits)
-        for field in _OUTPUT_FIELDS:
+        for field in (*_OUTPUT_FIELDS, "view_key"):
             if field == "labels":
                 schema.add_field(field, DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_LABELS,
                                  max_length=MAX_LABEL_BYTES)
@@ -398,7 +418,7 @@ def _row(record: IndexRecord, bits: int) -> dict:
     row = {
         "pk": f"{record.modality}:{record.id}", "code": record.code, "id": record.id, "modality": record.modality,
         "patient_id": record.patient_id, "study_id": record.study_id,
-        "labels": list(record.labels), "view": record.view,
+        "labels": list(record.labels), "view": record.view, "view_key": record.view.casefold(),
         "snippet": _truncate(record.snippet, _MAX_BYTES["snippet"]), "image_ref": record.image_ref,
     }
     for field, value in row.items():

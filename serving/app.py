@@ -12,7 +12,8 @@ backbone and the method's branch (on the GPU it was given, if any), the Hasher t
 without the frozen LLM. Inputs are validated once, at the ingress and the encoders, per request.
 
 Routes: ``POST /search/image`` (multipart), ``POST /search/text`` (JSON), ``POST /ingest``,
-``POST /preview``, ``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``POST /judgments``, ``GET /judgments`` (CSV),
+``POST /preview``, ``GET /items/{id}``, ``GET /items/{id}/image``, ``GET /labels``, ``GET /views``, ``POST /judgments``,
+``GET /judgments`` (CSV),
 ``GET /healthz``, ``GET /metrics``, docs at ``/docs``. A search answer names its query by a SHA-256
 fingerprint (``query.sha256``), which a judgment of one of its hits refers to.
 Errors are JSON ``{"error": "..."}`` with a 4xx status; a bad request never touches the index.
@@ -181,6 +182,9 @@ class IndexDeployment:
     def count(self, bits: int) -> int:
         return self.index.count(bits)
 
+    def views(self, max_rows: int) -> tuple[list[str], bool]:
+        return self.index.views(max_rows)
+
     def check_health(self) -> None:
         """Serve restarts this replica when its index stops answering (e.g. the milvus-lite process died)."""
         self.index.count(self.index.bits[0])
@@ -332,6 +336,7 @@ class Ingress:
         self.judgments = JudgmentStore(judgments_db)
         self.bits, self.label_names, self.cfg = tuple(sorted(bits)), list(label_names), cfg
         self.image_store = Path(cfg.image_store or cache_root() / "serve-images")
+        self._views: tuple[float, list[str], bool] | None = None  # (listed at, views, complete), see /views
         api.state.guard = Guard(token, cfg.max_request_bytes)
 
     def _check(self, k: int, bits: int | None, labels: list[str], view: str | None) -> int:
@@ -457,6 +462,8 @@ class Ingress:
             for old in Path(image_ref).parent.iterdir():  # the item's earlier images
                 if old.name != Path(image_ref).name:
                     old.unlink(missing_ok=True)
+            if view and self._views and view.casefold() not in {known.casefold() for known in self._views[1]}:
+                self._views = None  # a new view: list them again
         return {"id": id, "modalities": sorted(codes), "bits": list(self.bits)}
 
     def _image_path(self, item_id: str, data: bytes, filename: str) -> Path:
@@ -531,6 +538,14 @@ class Ingress:
     @api.get("/labels", summary="The label names results can carry and searches can filter on")
     async def labels(self) -> dict:
         return {"labels": self.label_names}
+
+    @api.get("/views", summary="The views of the indexed items, the view filter's choices (it matches any case)")
+    async def views(self) -> dict:
+        """``complete`` is false when the index held more than ``serve.view_scan_rows`` images and only
+        those were read; the list is read again after ``serve.view_cache_s``."""
+        if self._views is None or time.monotonic() - self._views[0] > self.cfg.view_cache_s:
+            self._views = (time.monotonic(), *await self._index("views", self.cfg.view_scan_rows))
+        return {"views": self._views[1], "complete": self._views[2]}
 
     @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
     async def metrics_text(self) -> Response:

@@ -35,6 +35,8 @@ class ServeConfig(Section):
     max_image_pixels: int = Field(50_000_000, ge=1)  # larger images are refused before decoding
     max_text_chars: int = Field(20_000, ge=1)
     max_k: int = Field(100, ge=1)
+    view_scan_rows: int = Field(1_000_000, ge=1)  # image records GET /views reads at most
+    view_cache_s: float = Field(300.0, ge=0)  # GET /views lists the index's views again after this long
     torch_threads: int = Field(1, ge=1)  # per replica: replicas share the node's cores
     image_batch_size: int = Field(8, ge=1)  # @serve.batch of the ImageEncoder
     image_batch_wait_s: float = Field(0.002, ge=0)

@@ -307,7 +307,23 @@ def test_labels_are_matched_whole_whatever_they_contain(make_index):
     assert index.get("a")[0].labels == ("finding:effusion, left", "x|y")
 
 
-def test_an_index_of_the_earlier_text_labels_schema_is_refused_by_name(tmp_path):
+def test_the_view_filter_ignores_case_and_the_index_lists_its_views(make_index):
+    index = make_index([16])
+    views = ["Axial", "axial", "AXIAL", "PA", "", "Straße"]
+    index.upsert(16, [IndexRecord(f"v{i}", "image", bytes([i, 0]), view=view) for i, view in enumerate(views)]
+                 + [IndexRecord("t0", "text", bytes(2), view="Lateral")])
+    query = np.zeros((1, 2), dtype=np.uint8)
+    assert {h.id for h in index.search(16, query, 10, view="aXiAl")[0]} == {"v0", "v1", "v2"}
+    assert [h.id for h in index.search(16, query, 10, view="STRASSE")[0]] == ["v5"]  # full case folding
+    assert index.get("v1")[0].view == "axial"  # stored as given
+    listed, complete = index.views(1000)
+    assert [view.casefold() for view in listed] == ["axial", "pa", "strasse"] and complete  # images' views, one spelling each
+    part, complete = index.views(2)
+    assert set(part) <= set(listed) and not complete
+
+
+@pytest.mark.parametrize("labels_as_text", [True, False], ids=["labels as text", "no case-folded view"])
+def test_an_index_of_an_earlier_schema_is_refused_by_name(tmp_path, labels_as_text):
     from pymilvus import DataType, MilvusClient
 
     path = tmp_path / "old.db"
@@ -315,7 +331,10 @@ def test_an_index_of_the_earlier_text_labels_schema_is_refused_by_name(tmp_path)
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
     schema.add_field("code", DataType.BINARY_VECTOR, dim=16)
-    schema.add_field("labels", DataType.VARCHAR, max_length=64)
+    if labels_as_text:
+        schema.add_field("labels", DataType.VARCHAR, max_length=64)
+    else:
+        schema.add_field("labels", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=8, max_length=64)
     client.create_collection("medhash_16", schema=schema)
     client.close()
     from milvus_lite.server_manager import server_manager_instance

@@ -356,6 +356,20 @@ def test_a_label_with_a_comma_filters_on_both_routes(served, dataset):
         assert "comma-1" in {r["id"] for r in results} and all(label in r["labels"] for r in results)
 
 
+def test_the_view_filter_lists_the_index_views_and_matches_any_case(served, dataset):
+    url = served["url"]
+    listed = requests.get(f"{url}/views", timeout=30).json()
+    assert listed["complete"] and "axial" in {view.casefold() for view in listed["views"]}
+    assert {view.casefold() for view in listed["views"]} == {item.view.casefold() for item in dataset.items if item.view}
+    for view in ("axial", "AXIAL"):
+        hits = requests.post(f"{url}/search/text", json={"text": dataset.items[0].report, "view": view, "k": 20}, timeout=60)
+        assert hits.json()["results"] and {r["view"].casefold() for r in hits.json()["results"]} == {"axial"}
+    form = {"id": "view-1", "report": "Oblique view of the left wrist.", "view": "Oblique (wrist)"}
+    assert requests.post(f"{url}/ingest", data=form, files={"image": ("w.png", dataset.items[3].image_paths[0].read_bytes())},
+                         timeout=60).status_code == 200
+    assert "Oblique (wrist)" in requests.get(f"{url}/views", timeout=30).json()["views"]  # a new view is listed at once
+
+
 @pytest.mark.parametrize("item_id", ["a/b", "..", " padded"])
 def test_ids_no_route_could_fetch_are_refused_at_ingest(served, item_id):
     answer = requests.post(f"{served['url']}/ingest", data={"id": item_id, "report": "a report"}, timeout=60)

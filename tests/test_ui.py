@@ -197,6 +197,7 @@ def test_a_wrong_password_does_not_open_the_ui(demo, browser):
 @pytest.mark.real
 def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, browser, shared_data):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -236,6 +237,17 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
     assert len(pictures) >= 5
     assert "10 results (64-bit codes" in browser.find_element(By.ID, "text-status").text
     browser.save_screenshot(str(ARTIFACTS / "text-search.png"))
+
+    view = find_all(browser, "#text-view input")[0]  # the index's views are listed; typed in any case they match
+    view.click()
+    WebDriverWait(browser, 60).until(lambda d: any(o.text == "Axial" for o in find_all(d, "ul.options li")), "no view choices")
+    view.send_keys("axial", Keys.ENTER)
+    browser.find_element(By.ID, "text-search").click()
+    WebDriverWait(browser, 300).until(lambda d: "; view axial;" in d.find_element(By.ID, "text-status").text,
+                                      "the view filter was not applied")
+    cards = find_all(browser, "#text-results .medhash-card")
+    assert cards and all("view axial" in card.text.casefold() for card in cards)
+    browser.save_screenshot(str(ARTIFACTS / "view-filter.png"))
 
 
 @pytest.mark.real

@@ -115,7 +115,7 @@ class SearchApp:
     def __init__(self, client: SearchClient, cfg: UIConfig):
         self.client, self.cfg = client, cfg
 
-    def _present(self, answer: dict) -> tuple[str, list, str, dict]:
+    def _present(self, answer: dict, query: SearchQuery) -> tuple[str, list, str, dict]:
         results, bits = answer["results"], answer["bits"]
         thumbnails = {}
         for r in results:
@@ -128,7 +128,9 @@ class SearchApp:
             (thumbnails[r["id"]], f'{r["id"]} · {agreement(r["distance"], bits)}')
             for r in results if r["modality"] == "image" and r["id"] in thumbnails
         ]
-        status = f"{len(results)} results ({bits}-bit codes; equal similarity ordered by id)" if results else "No results"
+        filters = "".join(f"; {name} {value}" for name, value in (("view", query.view), ("labels", ", ".join(query.labels))) if value)
+        status = (f"{len(results)} results ({bits}-bit codes{filters}; equal similarity ordered by id)" if results
+                  else f"No results{f' ({filters[2:]})' if filters else ''}")
         return status, gallery, result_cards(results, thumbnails, bits), answer
 
     def _query(self, k, direction, labels, view) -> SearchQuery:
@@ -174,7 +176,8 @@ class SearchApp:
 
     def _run(self, search, k, direction, labels, view) -> tuple[str, list, str, dict | None]:
         try:
-            return self._present(search(self._query(k, direction, labels, view)))
+            query = self._query(k, direction, labels, view)
+            return self._present(search(query), query)
         except ApiError as exc:
             return str(exc), [], "", None
         except Exception as exc:  # the page must always answer; the log gets the kind, never the input
@@ -214,16 +217,16 @@ class SearchApp:
             return str(exc)
         return f"Saved: hit #{rank} ({hit['id']}, {hit['modality']}) judged {VERDICT_NAMES[verdict]} by {user}."
 
-    def label_choices(self) -> tuple[dict, dict, str]:
-        """Label filter choices for both tabs, and the service status line."""
+    def filter_choices(self) -> tuple[dict, dict, dict, dict, str]:
+        """The label and view filters' choices (the same on both tabs), and the service status line."""
         try:
-            labels = self.client.labels()
+            labels, views = self.client.labels(), self.client.views()
             health = self.client.health()
         except ApiError as exc:
-            return gr.update(choices=[]), gr.update(choices=[]), str(exc)
+            return *[gr.update(choices=[])] * 4, str(exc)
         records = max(health.get("records", {"": 0}).values())
         status = f"Connected: {records:,} records indexed per code length."
-        return gr.update(choices=labels), gr.update(choices=labels), status
+        return gr.update(choices=labels), gr.update(choices=views), gr.update(choices=labels), gr.update(choices=views), status
 
 
 def _shown(handler):
@@ -258,13 +261,14 @@ def _hit_panel(app: SearchApp, tab: str, answer: gr.State):
     return hit, status, image, case
 
 
-def _controls(default_direction: str, cfg: UIConfig):
+def _controls(tab: str, default_direction: str, cfg: UIConfig):
     with gr.Row():
         k = gr.Slider(1, cfg.max_k, value=min(10, cfg.max_k), step=1, label="Results (k)")
         direction = gr.Radio(list(DIRECTIONS), value=default_direction, label="Return")
     with gr.Row():
-        labels = gr.Dropdown([], multiselect=True, label="Every result must carry these labels")
-        view = gr.Textbox(label="View (e.g. PA, axial)", max_lines=1)
+        labels = gr.Dropdown([], multiselect=True, label="Every result must carry these labels", elem_id=f"{tab}-labels")
+        view = gr.Dropdown([], value=None, allow_custom_value=True, label="View (any case; the index's views listed)",
+                           elem_id=f"{tab}-view")
     return k, direction, labels, view
 
 
@@ -281,7 +285,7 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
                 preview = gr.Image(label="Query as decoded", interactive=False, elem_id="image-preview", height=280,
                                    scale=1)
             preview_info = gr.Markdown(elem_id="image-preview-info")
-            image_controls = _controls("Reports", cfg)
+            image_controls = _controls("image", "Reports", cfg)
             image_button = gr.Button("Search", variant="primary", elem_id="image-search")
             image_status = gr.Markdown(elem_id="image-status")
             image_gallery = gr.Gallery(label="Similar images", columns=5, height="auto", elem_id="image-gallery",
@@ -291,7 +295,7 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
             image_hit, image_judged, image_detail, image_case = _hit_panel(app, "image", image_answer)
         with gr.Tab("Search by findings"):
             text = gr.Textbox(label="Findings", placeholder="left lower lobe consolidation", lines=3, elem_id="text-query")
-            text_controls = _controls("Images", cfg)
+            text_controls = _controls("text", "Images", cfg)
             text_button = gr.Button("Search", variant="primary", elem_id="text-search")
             text_status = gr.Markdown(elem_id="text-status")
             text_gallery = gr.Gallery(label="Matching images", columns=5, height="auto", elem_id="text-gallery",
@@ -306,7 +310,7 @@ def build_ui(cfg: UIConfig, token: str | None = None) -> gr.Blocks:
         image_button.click(_shown(app.search_image), [upload, *image_controls], image_outputs, api_name="search_image")
         text_button.click(_shown(app.search_text), [text, *text_controls], text_outputs, api_name="search_text")
         text.submit(_shown(app.search_text), [text, *text_controls], text_outputs, api_name=False)
-        blocks.load(app.label_choices, None, [image_controls[2], text_controls[2], service], api_name=False)
+        blocks.load(app.filter_choices, None, [*image_controls[2:], *text_controls[2:], service], api_name=False)
     return blocks
 
 

@@ -52,6 +52,9 @@ class SearchClient:
     def labels(self) -> list[str]:
         return self._call("GET", "/labels").json()["labels"]
 
+    def views(self) -> list[str]:
+        return self._call("GET", "/views").json()["views"]
+
     def search_image(self, data: bytes, filename: str, query: SearchQuery) -> dict:
         """The API's answer: ``bits`` (the code length searched), ``direction`` and ``results``."""
         form = {"k": query.k, "direction": query.direction, "labels": list(query.labels)}  # one field per label
