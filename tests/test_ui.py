@@ -240,10 +240,11 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
 
     view = find_all(browser, "#text-view input")[0]  # the index's views are listed; typed in any case they match
     view.click()
-    WebDriverWait(browser, 60).until(lambda d: any(o.text == "Axial" for o in find_all(d, "ul.options li")), "no view choices")
-    view.send_keys("axial", Keys.ENTER)
+    WebDriverWait(browser, 60).until(lambda d: any("Axial" in o.text for o in find_all(d, "[data-testid=dropdown-option]")),
+                                     "no view choices")
+    view.send_keys("axial", Keys.ENTER)  # typed, or the listed "Axial" it matches
     browser.find_element(By.ID, "text-search").click()
-    WebDriverWait(browser, 300).until(lambda d: "; view axial;" in d.find_element(By.ID, "text-status").text,
+    WebDriverWait(browser, 300).until(lambda d: "; view axial;" in d.find_element(By.ID, "text-status").text.casefold(),
                                       "the view filter was not applied")
     cards = find_all(browser, "#text-results .medhash-card")
     assert cards and all("view axial" in card.text.casefold() for card in cards)
