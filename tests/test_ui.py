@@ -120,10 +120,13 @@ def demo(shared_data, tmp_path_factory):
         env={**os.environ, "MEDHASH_UI_USERS": f"{USER}:{PASSWORD}"}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    run_items = limit_per_split(open_dataset(load_config(tmp / "cfg.yaml").data), raw["train"]["limit_items"]).items
+    dataset = open_dataset(load_config(tmp / "cfg.yaml").data)
+    run_items = limit_per_split(dataset, raw["train"]["limit_items"]).items
+    indexed_labels = [label for item in dataset.items[:60] for label in item.labels]  # what --limit 60 indexes
     system = {"api": f"http://127.0.0.1:{api_port}", "ui": f"http://127.0.0.1:{ui_port}", "process": process,
               "log": tmp / "demo.log", "run": tmp / "run", "judgments": tmp / "index.judgments.sqlite",
-              "run_ids": {item.id for item in run_items}, "query_image": run_items[0].image_paths[0]}
+              "run_ids": {item.id for item in run_items}, "query_image": run_items[0].image_paths[0],
+              "comma_label": next(label for label in indexed_labels if "," in label)}
     try:
         wait_for(lambda: requests.get(system["ui"], timeout=5).status_code == 200, 900, "the demo UI", process)
         yield system
@@ -228,6 +231,19 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
         lambda d: "Saved" in d.find_element(By.ID, "image-judge-status").text, "the judgment was not saved")
     assert saved and f"judged relevant by {USER}" in browser.find_element(By.ID, "image-judge-status").text
     browser.save_screenshot(str(ARTIFACTS / "judgment-saved.png"))
+
+    # a label with a comma in it (MedPix topics such as "topic:Neoplasm, benign") filters the image search as one label
+    label = demo["comma_label"]
+    find_all(browser, "#image-labels input")[0].click()
+    WebDriverWait(browser, 60).until(lambda d: [o for o in find_all(d, "[data-testid=dropdown-option]") if o.text.strip() == label],
+                                     f"{label} is not among the label choices")[0].click()
+    find_all(browser, "#image-labels input")[0].send_keys(Keys.ESCAPE)  # close the choices
+    browser.find_element(By.ID, "image-search").click()
+    WebDriverWait(browser, 300).until(lambda d: f"; labels {label}" in d.find_element(By.ID, "image-status").text,
+                                      "the comma label was not applied")
+    cards = find_all(browser, "#image-results .medhash-card")
+    assert cards and all(label in card.text for card in cards)
+    browser.save_screenshot(str(ARTIFACTS / "comma-label.png"))
 
     next(t for t in find_all(browser, "button[role=tab]") if "findings" in t.text).click()
     query = WebDriverWait(browser, 60).until(lambda d: find_all(d, "#text-query textarea"), "no findings box")[0]
