@@ -35,8 +35,8 @@ VERDICT_NAMES = {"relevant": "relevant", "not_relevant": "not relevant"}
 CSS = """
 .medhash-card {display: flex; gap: 12px; padding: 8px; border-bottom: 1px solid #ddd;}
 .medhash-card img {width: 120px; height: 120px; object-fit: contain; background: #000;}
-.medhash-card .meta {font-size: 0.85em; color: #555;}
-.medhash-card .label {display: inline-block; background: #eef; border-radius: 4px; padding: 0 4px; margin: 1px;}
+.medhash-card .meta, .medhash-case .meta {font-size: 0.85em; color: #555;}
+.medhash-card .label, .medhash-case .label {display: inline-block; background: #eef; border-radius: 4px; padding: 0 4px; margin: 1px;}
 """
 
 
