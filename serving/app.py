@@ -48,6 +48,7 @@ from medhash.serving import prometheus
 from medhash.serving.config import DeploymentResources, ServeConfig, ServingConfig, load_serving_config
 from medhash.services.config import IndexConfig, cache_root, check_code_length, override
 from medhash.services.errors import ConfigError, DataError
+from medhash.services.findings import FindingMiner, explain
 from medhash.services.judgments import JudgmentStore, fingerprint, to_csv
 from medhash.services.run_dir import RunDir
 
@@ -337,6 +338,8 @@ class Ingress:
         self.bits, self.label_names, self.cfg = tuple(sorted(bits)), list(label_names), cfg
         self.image_store = Path(cfg.image_store or cache_root() / "serve-images")
         self._views: tuple[float, list[str], bool] | None = None  # (listed at, views, complete), see /views
+        self.miner = FindingMiner()
+        explain(self.miner, ["warm-up report"], "warm-up query")  # the pipeline and language model loaded
         api.state.guard = Guard(token, cfg.max_request_bytes)
 
     def _check(self, k: int, bits: int | None, labels: list[str], view: str | None) -> int:
@@ -360,11 +363,18 @@ class Ingress:
             raise IndexUnavailable() from exc
 
     async def _search(self, codes: dict[int, bytes], bits: int, k: int, direction: str, labels, view,
-                      query: dict) -> dict:
+                      query: dict, text: str | None = None) -> dict:
+        """The hits, each with the findings it shares with the query (``text``'s, or the hits' consensus)."""
         packed = np.frombuffer(codes[bits], dtype=np.uint8)[None, :]
         with prometheus.stage("search"):
             hits = await self._index("search", bits, packed, k, DIRECTIONS[direction], tuple(labels), view or None)
-        return {"bits": bits, "direction": direction, "query": query, "results": [_hit_json(h) for h in hits[0]]}
+        results = [_hit_json(h) for h in hits[0]]
+        with prometheus.stage("explain"):
+            why = explain(self.miner, [r["snippet"] or "" for r in results], text)
+        for result, shared in zip(results, why.shared):
+            result["shared_findings"] = shared
+        query = {**query, "findings": why.findings, "findings_from": why.source, "findings_note": why.note}
+        return {"bits": bits, "direction": direction, "query": query, "results": results}
 
     async def _encode_image(self, data: bytes, name: str) -> dict[int, bytes]:
         with prometheus.stage("encode_image"):
@@ -412,7 +422,7 @@ class Ingress:
         bits = self._check(query.k, query.bits, query.labels, query.view)
         codes = await self._encode_text(query.text)
         return await self._search(codes, bits, query.k, query.direction, query.labels, query.view,
-                                  {"modality": "text", "sha256": fingerprint(query.text)})
+                                  {"modality": "text", "sha256": fingerprint(query.text)}, query.text)
 
     @api.post("/ingest", summary="Add or replace one item: an image and / or its report")
     async def ingest(

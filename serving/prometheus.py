@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-STAGES = ("encode_image", "encode_text", "hash", "search", "insert")
+STAGES = ("encode_image", "encode_text", "hash", "search", "explain", "insert")
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("medhash_requests_total", "HTTP requests by route and status", ["route", "status"], registry=REGISTRY)

@@ -159,7 +159,8 @@ def test_searches_over_http_match_the_in_process_pipeline(served, reference, dat
             body = answer.json()
             reference.check(body["results"], reference.pipeline.image_codes([data], bits), direction, bits, 10)
             hit = body["results"][0]
-            assert set(hit) == {"id", "modality", "distance", "patient_id", "study_id", "labels", "view", "snippet", "image_url"}
+            assert set(hit) == {"id", "modality", "distance", "patient_id", "study_id", "labels", "view", "snippet", "image_url",
+                                "shared_findings"}
             assert hit["image_url"] == f"/items/{hit['id']}/image"
         answer = requests.post(f"{url}/search/text", json={"text": item.report, "k": 5}, timeout=60)
         assert answer.status_code == 200, answer.text
@@ -179,6 +180,29 @@ def test_searches_over_http_match_the_in_process_pipeline(served, reference, dat
     )
     assert answer.status_code == 200 and answer.json()["results"]
     assert all(label in r["labels"] and r["view"] == view for r in answer.json()["results"])
+
+
+def test_every_hit_carries_the_findings_it_shares_with_the_query(served, dataset):
+    from medhash.services.findings import FindingMiner, explain
+
+    miner, url = FindingMiner(), served["url"]
+    text = "Large pleural effusion and a lung mass"
+    body = requests.post(f"{url}/search/text", json={"text": text, "k": 20, "direction": "reports"}, timeout=60).json()
+    assert body["query"]["findings"] == ["mass", "pleural effusion", "lung"]
+    assert body["query"]["findings_from"] == "query text" and body["query"]["findings_note"] is None
+    snippets = [r["snippet"] for r in body["results"]]
+    assert [r["shared_findings"] for r in body["results"]] == explain(miner, snippets, text).shared
+    for result in body["results"]:  # every marked span is a spelling of a query finding in the hit's report
+        for finding in result["shared_findings"]:
+            assert finding["term"] in body["query"]["findings"]
+            assert all(miner.canonical[result["snippet"][s:e].lower()] == finding["term"] for s, e in finding["spans"])
+
+    item = query_items(dataset)[0]
+    body = requests.post(f"{url}/search/image", files={"file": ("q.png", item.image_paths[0].read_bytes())},
+                         data={"k": 10}, timeout=60).json()
+    why = explain(miner, [r["snippet"] for r in body["results"]])
+    assert body["query"]["findings_from"] == "hits' consensus" and body["query"]["findings"] == why.findings
+    assert [r["shared_findings"] for r in body["results"]] == why.shared
 
 
 def test_one_search_latency_through_serve_and_in_process(served, reference, dataset):

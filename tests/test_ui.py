@@ -18,7 +18,7 @@ from medhash.services.config import load_config
 from medhash.services.data import open_dataset
 from medhash.services.features.featureset import limit_per_split
 from medhash.ui.config import UIConfig, UIError
-from medhash.ui.app import SearchApp, case_html, result_cards, users_from
+from medhash.ui.app import SearchApp, case_html, findings_line, highlighted, result_cards, users_from
 from medhash.ui.client import SearchClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,22 @@ def test_result_cards_show_every_field_and_escape_report_text():
     assert "patient P7" in cards and "study S9" in cards and "view Axial" in cards
     assert "<script>" not in cards and "&lt;script&gt;alert(1)&lt;/script&gt; mass" in cards
     assert "No results" in result_cards([], {}, 64)
+
+
+def test_cards_mark_the_findings_a_hit_shares_with_the_query_and_the_status_names_them():
+    snippet = "Right <b>pleural effusion</b> and a lung mass. " + "More text. " * 40
+    start = snippet.index("pleural effusion")
+    results = [{"id": "c1", "modality": "text", "distance": 1, "snippet": snippet,
+                "shared_findings": [{"term": "pleural effusion", "category": "finding", "spans": [[start, start + 16]]},
+                                    {"term": "mass", "category": "finding", "spans": [[snippet.index("mass"), snippet.index("mass") + 4]]}]}]
+    cards = result_cards(results, {}, 64)
+    assert "Shares with the query: pleural effusion, mass" in cards
+    assert "&lt;b&gt;<mark>pleural effusion</mark>&lt;/b&gt; and a lung <mark>mass</mark>." in cards and cards.count("<mark>") == 2
+    assert " …</p>" in cards and len(cards) < len(snippet) + 500  # cut at the card's length
+    assert findings_line({"findings": ["pleural effusion"], "findings_from": "query text"}) == (
+        ". Findings (the query text; marked in the reports): pleural effusion.")
+    assert "agree on none" in findings_line({"findings": [], "findings_note": "its nearest reports agree on none"})
+    assert highlighted("a mass", [[2, 6], [0, 40]]) == "a <mark>mass</mark>"  # spans beyond the text are ignored
 
 
 def test_cards_say_when_a_similarity_is_shared():

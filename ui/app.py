@@ -37,6 +37,8 @@ CSS = """
 .medhash-card img {width: 120px; height: 120px; object-fit: contain; background: #000;}
 .medhash-card .meta, .medhash-case .meta {font-size: 0.85em; color: #555;}
 .medhash-card .label, .medhash-case .label {display: inline-block; background: #eef; border-radius: 4px; padding: 0 4px; margin: 1px;}
+.medhash-card .why {font-size: 0.85em; color: #7a4b00;}
+.medhash-card mark, .medhash-case mark {background: #ffe58a; padding: 0 1px;}
 """
 
 
@@ -70,8 +72,31 @@ def agreement(distance: int, bits: int) -> str:
     return f"{bits - distance}/{bits} bits agree"
 
 
-def _shortened(text: str, chars: int = CARD_TEXT_CHARS) -> str:
-    return text if len(text) <= chars else text[:chars].rstrip() + " …"
+def highlighted(text: str, spans: list, limit: int | None = None) -> str:
+    """``text`` escaped, cut to ``limit`` characters (then " …"), with the character ``spans`` marked."""
+    cut = text if limit is None or len(text) <= limit else text[:limit].rstrip()
+    parts, at = [], 0
+    for start, end in sorted((s, e) for s, e in spans if 0 <= s < e <= len(cut)):
+        if start >= at:
+            parts += [html.escape(cut[at:start]), f"<mark>{html.escape(cut[start:end])}</mark>"]
+            at = end
+    parts.append(html.escape(cut[at:]))
+    return "".join(parts) + (" …" if cut != text else "")
+
+
+def findings_line(query: dict) -> str:
+    """What the status line says about the query's findings (from its text, or the hits' consensus)."""
+    if "findings" not in query:
+        return ""
+    if not query["findings"]:
+        return f". No shared findings shown: {query.get('findings_note') or 'none known'}."
+    source = "the query text" if query.get("findings_from") == "query text" else "the hits' consensus"
+    return f". Findings ({source}; marked in the reports): {', '.join(query['findings'])}."
+
+
+def shared_spans(result: dict) -> list:
+    """The spans of the findings ``result`` shares with the query, in its report text."""
+    return [span for finding in result.get("shared_findings", []) for span in finding["spans"]]
 
 
 def result_cards(results: list[dict], thumbnails: dict[str, Image.Image], bits: int) -> str:
@@ -85,19 +110,22 @@ def result_cards(results: list[dict], thumbnails: dict[str, Image.Image], bits: 
         image = thumbnails.get(r["id"])
         picture = f'<img src="{data_uri(image)}" alt="image of {html.escape(r["id"])}">' if image else ""
         labels = "".join(f'<span class="label">{html.escape(label)}</span>' for label in r.get("labels", []))
+        shared = ", ".join(f["term"] for f in r.get("shared_findings", []))
+        why = f'<div class="why">Shares with the query: {html.escape(shared)}</div>' if shared else ""
         tied = f" · tied with {ties[r['distance']] - 1} other{'s' if ties[r['distance']] > 2 else ''}" if ties[r["distance"]] > 1 else ""
         cards.append(
             f'<div class="medhash-card" data-id="{html.escape(r["id"])}">{picture}<div>'
             f'<b>#{rank} {html.escape(r["id"])}</b> · {html.escape(r["modality"])} · {agreement(r["distance"], bits)}{tied}'
             f'<div class="meta">patient {html.escape(r.get("patient_id") or "-")} · study {html.escape(r.get("study_id") or "-")}'
             f'{" · view " + html.escape(r["view"]) if r.get("view") else ""}</div>'
-            f"<div>{labels}</div><p>{html.escape(_shortened(r.get('snippet') or ''))}</p></div></div>"
+            f"<div>{labels}</div>{why}<p>{highlighted(r.get('snippet') or '', shared_spans(r), CARD_TEXT_CHARS)}</p></div></div>"
         )
     return "\n".join(cards)
 
 
-def case_html(item: dict) -> str:
-    """An opened item: ids, view, labels, the whole stored report and its patient's / study's other items, escaped."""
+def case_html(item: dict, marks: list | None = None) -> str:
+    """An opened item: ids, view, labels, the whole stored report (``marks``: character spans to highlight)
+    and its patient's / study's other items, escaped."""
     labels = "".join(f'<span class="label">{html.escape(label)}</span>' for label in item.get("labels", []))
     related = "".join(
         f"<li>{html.escape(r['id'])} · {html.escape(r['modality'])}{' · ' + html.escape(r['view']) if r.get('view') else ''}"
@@ -105,7 +133,7 @@ def case_html(item: dict) -> str:
     return (f'<div class="medhash-case"><h3>{html.escape(item["id"])}</h3>'
             f'<div class="meta">patient {html.escape(item.get("patient_id") or "-")} · study {html.escape(item.get("study_id") or "-")}'
             f'{" · view " + html.escape(item["view"]) if item.get("view") else ""}</div><div>{labels}</div>'
-            f'<p>{html.escape(item.get("snippet") or "(no report)")}</p>'
+            f'<p>{highlighted(item["snippet"], marks or []) if item.get("snippet") else "(no report)"}</p>'
             f'<b>Same patient or study</b>{"<ul>" + related + "</ul>" if related else "<p>no other items indexed</p>"}</div>')
 
 
@@ -131,7 +159,7 @@ class SearchApp:
         filters = "".join(f"; {name} {value}" for name, value in (("view", query.view), ("labels", ", ".join(query.labels))) if value)
         status = (f"{len(results)} results ({bits}-bit codes{filters}; equal similarity ordered by id)" if results
                   else f"No results{f' ({filters[2:]})' if filters else ''}")
-        return status, gallery, result_cards(results, thumbnails, bits), answer
+        return status + findings_line(answer.get("query", {})), gallery, result_cards(results, thumbnails, bits), answer
 
     def _query(self, k, direction, labels, view) -> SearchQuery:
         return SearchQuery(
@@ -200,7 +228,8 @@ class SearchApp:
                 image = Image.open(io.BytesIO(self.client.image(item["image_url"]))).convert("RGB")
             except (ApiError, UnidentifiedImageError, OSError):
                 pass  # the case shows without its picture
-        return image, case_html(item)
+        same_text = item.get("snippet") == hit.get("snippet")  # the spans index the hit's report text
+        return image, case_html(item, shared_spans(hit) if same_text else None)
 
     def judge(self, answer: dict | None, rank: str | None, verdict: str, user: str | None) -> str:
         """Store ``user``'s verdict on hit number ``rank`` (1-based) of the last search ``answer``; a status line."""
