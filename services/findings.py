@@ -190,22 +190,24 @@ class Explanation:
     shared: list[list[dict]]
 
 
-def consensus_count(hits: int) -> int:
-    """How many of ``hits`` reports must state a finding for it to be their consensus: a third, at least 2."""
-    return max(2, ceil(hits / 3))
+def consensus_count(reports: int) -> int:
+    """How many of ``reports`` distinct hit reports must state a finding for it to be their consensus:
+    a third, at least 2."""
+    return max(2, ceil(reports / 3))
 
 
 def explain(miner: FindingMiner, hit_texts: Sequence[str], query_text: str | None = None) -> Explanation:
-    """The findings of a text query (its own), or of an image query (the consensus of its hits' reports:
-    stated as present by :func:`consensus_count` of them), and the ones each hit's report shares."""
+    """The findings of a text query (its own), or of an image query (the consensus of its hits' distinct
+    reports: stated as present by :func:`consensus_count` of them), and the ones each hit's report shares."""
     hits = [miner.mine(text) for text in hit_texts]
     if query_text is not None:
         query = miner.mine(query_text)
         findings, source = query.positive, "query text"
         note = None if findings else f"the query states no present finding the lexicon knows: {query.reason or 'only absent ones'}"
     else:
-        votes = Counter(term for hit in hits for term in hit.positive)
-        findings = frozenset(t for t, n in votes.items() if n >= consensus_count(len(hits)))
+        reports = dict(zip(hit_texts, hits))  # a report shown by several images of its study votes once
+        votes = Counter(term for hit in reports.values() for term in hit.positive)
+        findings = frozenset(t for t, n in votes.items() if n >= consensus_count(len(reports)))
         source = "hits' consensus"
         note = None if findings else "no findings are known for this image: its nearest reports agree on none"
     shared = [

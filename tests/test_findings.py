@@ -81,6 +81,8 @@ def test_an_image_query_is_explained_by_the_consensus_of_its_hits(miner):
     assert why.source == "hits' consensus" and why.findings == ["atelectasis", "pleural effusion"]
     assert [[f["term"] for f in shared] for shared in why.shared] == [
         ["pleural effusion"], ["atelectasis", "pleural effusion"], ["pleural effusion"], [], [], ["atelectasis"]]
+    same_study = explain(miner, ["Rib fracture."] * 8 + ["Lung nodule.", "Atelectasis."])  # one report, eight images
+    assert same_study.findings == [] and same_study.shared == [[]] * 10
     nothing = explain(miner, ["Rib fracture.", "Lung nodule.", "Atelectasis."])
     assert nothing.findings == [] and "agree on none" in nothing.note and nothing.shared == [[], [], []]
 
