@@ -6,7 +6,8 @@ and then over HTTP through the Serve application on a local Ray cluster, the HTT
 separate process. Both run one query at a time and with a thread pool of ``concurrency`` workers;
 the ratios come from the same run (absolute times are noisy on a shared machine). The Serve
 replicas' resident memory is read at start-up, after the measurements and through an optional soak
-(mixed text and image searches for ``--soak-minutes``).
+(mixed text and image searches for ``--soak-minutes``). Where a one-client search's time goes is read
+from the ingress's own Prometheus histograms (route and per-stage latency) around the one-client pass.
 """
 from __future__ import annotations
 
@@ -46,6 +47,23 @@ class Timing:
     p50_ms: float
     p99_ms: float
     requests_per_s: float  # completed requests / wall time of the whole batch
+    mean_ms: float = float("nan")
+
+
+STAGES_OF = {"text": ("/search/text", "encode_text"), "image": ("/search/image", "encode_image")}  # route, encoder stage
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Mean milliseconds per search of one query kind at one client: the client's whole request, and
+    what the ingress timed (its route, the encoder call with the Hasher hop, the Index call, the findings)."""
+
+    query: str
+    client_ms: float
+    ingress_ms: float
+    encode_ms: float
+    search_ms: float
+    explain_ms: float
 
 
 def summarize(path: str, query: str, concurrency: int, latencies_s: Sequence[float], errors: int,
@@ -53,7 +71,44 @@ def summarize(path: str, query: str, concurrency: int, latencies_s: Sequence[flo
     """A :class:`Timing` of successful request latencies (seconds) and the batch's wall time."""
     p50, p99 = np.percentile(latencies_s, [50, 99]) if len(latencies_s) else (float("nan"), float("nan"))
     return Timing(path, query, concurrency, len(latencies_s) + errors, errors, p50 * 1000, p99 * 1000,
-                  len(latencies_s) / wall_s if wall_s > 0 else float("nan"))
+                  len(latencies_s) / wall_s if wall_s > 0 else float("nan"),
+                  float(np.mean(latencies_s)) * 1000 if len(latencies_s) else float("nan"))
+
+
+def latency_totals(metrics: str) -> dict[str, tuple[float, float]]:
+    """(seconds, observations) of each route's and stage's latency histogram in the ingress's /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(metrics):
+        if family.name in ("medhash_request_latency_seconds", "medhash_stage_latency_seconds"):
+            for sample in family.samples:
+                key = sample.labels.get("route") or sample.labels.get("stage")
+                if sample.name.endswith(("_sum", "_count")):
+                    totals.setdefault(key, [0.0, 0.0])[sample.name.endswith("_count")] += sample.value
+    return {key: (seconds, count) for key, (seconds, count) in totals.items()}
+
+
+def breakdown(query: str, timing: Timing, before: dict, after: dict) -> Breakdown:
+    """The :class:`Breakdown` of ``timing`` (one client) from the ingress's totals before and after it."""
+    def mean_ms(key: str) -> float:
+        (s0, n0), (s1, n1) = before.get(key, (0.0, 0.0)), after.get(key, (0.0, 0.0))
+        return (s1 - s0) / (n1 - n0) * 1000 if n1 > n0 else float("nan")
+
+    route, encode = STAGES_OF[query]
+    return Breakdown(query, timing.mean_ms, mean_ms(route), mean_ms(encode), mean_ms("search"), mean_ms("explain"))
+
+
+def format_breakdown(rows: list[Breakdown]) -> str:
+    """Where a one-client search's time goes (means, ms); the rest of the ingress is its own work (HTTP
+    parsing, checks, JSON), outside it are the client, the connection and Serve's HTTP proxy."""
+    lines = ["| query | client | in the ingress | encoder + Hasher call | Index call | findings | rest of the ingress "
+             "| outside the ingress |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rest = r.ingress_ms - r.encode_ms - r.search_ms - r.explain_ms
+        lines.append(f"| {r.query} | {r.client_ms:.1f} | {r.ingress_ms:.1f} | {r.encode_ms:.1f} | {r.search_ms:.1f} | "
+                     f"{r.explain_ms:.1f} | {rest:.1f} | {r.client_ms - r.ingress_ms:.1f} |")
+    return "\n".join(lines)
 
 
 def fire(call: Callable[[object], object], payloads: Sequence, concurrency: int,
@@ -157,9 +212,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("need --requests >= 1, --image-requests >= 0, --concurrency >= 1 and --soak-minutes >= 0")
     uri = args.milvus_uri or str(cache_root() / "bench" / "speed-serve.db")
     _check_port_free(args.port)
-    timings, memory = measure_serve_speed(RunDir(args.run), _dataset(args), uri, args.requests, args.image_requests,
-                                          args.concurrency, args.port, args.soak_minutes)
+    timings, memory, rows = measure_serve_speed(RunDir(args.run), _dataset(args), uri, args.requests,
+                                                args.image_requests, args.concurrency, args.port, args.soak_minutes)
     print(format_report(timings))
+    print("\nOne client through Serve, where a search's time goes (mean ms per request):\n")
+    print(format_breakdown(rows))
     print("\nResident memory of the Serve replicas (with their child processes):\n")
     print(format_memory(memory))
     return 0
@@ -167,16 +224,16 @@ def run(args: argparse.Namespace) -> int:
 
 def measure_serve_speed(run: RunDir, dataset: Dataset, uri: str, requests: int = 200, image_requests: int = 50,
                         concurrency: int = 8, port: int = 8000,
-                        soak_minutes: float = 0.0) -> tuple[list[Timing], list[tuple[str, dict[str, float]]]]:
+                        soak_minutes: float = 0.0) -> tuple[list[Timing], list[tuple[str, dict[str, float]]], list[Breakdown]]:
     """Index ``dataset``, then time text (and image) searches in-process and through Serve (and soak it):
-    the timings and the Serve replicas' memory over the run."""
+    the timings, the Serve replicas' memory over the run and the one-client breakdowns."""
     queries = [item for item in dataset.items if item.split == "query"] or dataset.items
     texts = [queries[i % len(queries)].report for i in range(requests)]
     images = [_png_bytes(queries[i % len(queries)].image_paths[0]) for i in range(image_requests)]
     _ensure_indexed(run, dataset, uri)
     timings = _in_process(run, uri, texts, images, concurrency)
-    served, memory = _through_serve(run, uri, texts, images, concurrency, port, soak_minutes * 60)
-    return timings + served, memory
+    served, memory, rows = _through_serve(run, uri, texts, images, concurrency, port, soak_minutes * 60)
+    return timings + served, memory, rows
 
 
 def _dataset(args: argparse.Namespace) -> Dataset:
@@ -235,14 +292,15 @@ def _in_process(run: RunDir, uri: str, texts: list[str], images: list[bytes], co
 
 
 def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes], concurrency: int, port: int,
-                   soak_s: float = 0.0) -> tuple[list[Timing], list[tuple[str, dict[str, float]]]]:
+                   soak_s: float = 0.0) -> tuple[list[Timing], list[tuple[str, dict[str, float]]], list[Breakdown]]:
     """The same queries over HTTP through the Serve app (one replica per deployment), sent from another process;
     then, with ``soak_s``, text and image searches mixed at ``concurrency`` clients for that long.
 
-    Also the replicas' memory: (moment, MB per deployment) after start-up, after the measurements and
-    every :data:`SOAK_SAMPLE_S` of the soak.
+    Also the one-client breakdowns (:func:`breakdown`) and the replicas' memory: (moment, MB per deployment)
+    after start-up, after the measurements and every :data:`SOAK_SAMPLE_S` of the soak.
     """
     import ray
+    import requests
     from ray import serve
 
     from medhash.serving.app import build_app
@@ -259,15 +317,19 @@ def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes],
         serve.start(http_options={"host": HOST, "port": port})
         serve.run(build_app(run.path, uri, settings, options, host=HOST), name="medhash", route_prefix="/")
         memory = [("after start-up", replica_memory_mb())]
-        timings = []
+        timings, rows = [], []
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as client:
             for query, posts in cases:
                 if not posts:
                     continue
                 client.submit(post_all, posts[:WARMUP], 1).result(timeout=600)
                 for workers in dict.fromkeys((1, concurrency)):
+                    before = latency_totals(requests.get(url + "/metrics", timeout=30).text)
                     measured = client.submit(post_all, posts, workers).result(timeout=3600)
                     timings.append(summarize("Ray Serve", query, workers, *measured))
+                    if workers == 1:
+                        after = latency_totals(requests.get(url + "/metrics", timeout=30).text)
+                        rows.append(breakdown(query, timings[-1], before, after))
             memory.append(("after the measurements", replica_memory_mb()))
             if soak_s > 0:
                 mixed = [post for pair in zip(*(posts for _, posts in cases if posts)) for post in pair]
@@ -276,7 +338,7 @@ def _through_serve(run: RunDir, uri: str, texts: list[str], images: list[bytes],
                 while not wait([soak], timeout=SOAK_SAMPLE_S).done:
                     memory.append((f"soak, {(time.monotonic() - started) / 60:.1f} min", replica_memory_mb()))
                 timings.append(summarize("Ray Serve soak", "text+image", concurrency, *soak.result()))
-        return timings, memory
+        return timings, memory, rows
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -7,7 +7,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medhash.benchmarks.serve_speed import format_memory, format_report, post_all, summarize
+from medhash.benchmarks.serve_speed import (
+    breakdown, format_breakdown, format_memory, format_report, latency_totals, post_all, summarize,
+)
 
 
 def test_summary_of_known_latencies():
@@ -24,6 +26,26 @@ def test_report_gives_serve_over_in_process_ratios():
     served = summarize("Ray Serve", "text", 8, [0.030] * 10, 0, 1.0)  # 10 req/s
     report = format_report([local, served])
     assert "| text | 8 | 3.00 | 0.50 |" in report
+
+
+def test_the_one_client_breakdown_reads_the_ingress_histograms_between_two_scrapes():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    route = Histogram("medhash_request_latency_seconds", "", ["route"], registry=registry)
+    stage = Histogram("medhash_stage_latency_seconds", "", ["stage"], registry=registry)
+    route.labels("/search/text").observe(5.0)  # before the measured pass: left out
+    before = latency_totals(generate_latest(registry).decode())
+    for _ in range(4):  # four searches: 80 ms in the ingress, of which 50 encoding, 12 searching, 3 findings
+        route.labels("/search/text").observe(0.080)
+        stage.labels("encode_text").observe(0.050)
+        stage.labels("search").observe(0.012)
+        stage.labels("explain").observe(0.003)
+    after = latency_totals(generate_latest(registry).decode())
+    timing = summarize("Ray Serve", "text", 1, [0.088, 0.090, 0.092], 0, 1.0)
+    row = breakdown("text", timing, before, after)
+    assert (row.client_ms, row.ingress_ms, row.encode_ms, row.search_ms, row.explain_ms) == pytest.approx((90, 80, 50, 12, 3))
+    assert "| text | 90.0 | 80.0 | 50.0 | 12.0 | 3.0 | 15.0 | 10.0 |" in format_breakdown([row])
 
 
 class Handler(BaseHTTPRequestHandler):

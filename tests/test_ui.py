@@ -267,7 +267,15 @@ def test_in_a_browser_an_image_finds_reports_and_a_finding_finds_images(demo, br
     browser.find_element(By.ID, "text-search").click()
     pictures = WebDriverWait(browser, 300).until(lambda d: find_all(d, "#text-gallery img"), "no gallery for the finding")
     assert len(pictures) >= 5
-    assert "10 results (64-bit codes" in browser.find_element(By.ID, "text-status").text
+    status = browser.find_element(By.ID, "text-status").text
+    assert "10 results (64-bit codes" in status
+    # why this result: the query's findings are named, and every card that shares one marks it in its report
+    assert "Findings (the query text; marked in the reports): consolidation, chest, lower lobe." in status
+    for card in find_all(browser, "#text-results .medhash-card"):
+        if "Shares with the query:" in card.text:
+            shared = card.text.split("Shares with the query: ")[1].split("\n")[0].split(", ")
+            marked = {mark.text.casefold() for mark in card.find_elements(By.TAG_NAME, "mark")}
+            assert marked and set(shared) <= {"consolidation", "chest", "lower lobe"}, card.text
     browser.save_screenshot(str(ARTIFACTS / "text-search.png"))
 
     view = find_all(browser, "#text-view input")[0]  # the index's views are listed; typed in any case they match
