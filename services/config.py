@@ -91,6 +91,9 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for tiny configs
     limit_items: int | None = Field(None, ge=8)  # use only the first N items per split (tiny configs)
     max_failures: int = Field(2, ge=0)  # worker failures Ray Train recovers from
+    # "findings": supervise with the findings mined from the reports (services/findings.py) instead of the
+    # dataset's labels, which training then never reads (label-free; `medhash eval` still scores with them)
+    supervision: Literal["labels", "findings"] = "labels"
 
 
 class AugmentConfig(Section):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 LEXICON = Path(__file__).with_name("findings_lexicon.yaml")
@@ -216,3 +217,17 @@ def explain(miner: FindingMiner, hit_texts: Sequence[str], query_text: str | Non
         for hit in hits
     ]
     return Explanation(ordered(findings, miner.category), source, note, shared)
+
+
+def findings_labels(miner: FindingMiner, reports: Sequence[str], fit: np.ndarray,
+                    min_reports: int = 2) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Mined findings as a label matrix (uint8 [N, T], names "<category>:<term>") for label-free training:
+    the terms stated as present in at least ``min_reports`` of the reports at rows ``fit`` (the training split)."""
+    mined = [miner.mine(text).positive for text in reports]
+    counts = Counter(term for row in fit for term in mined[row])
+    terms = ordered((t for t, n in counts.items() if n >= min_reports), miner.category)
+    column = {term: j for j, term in enumerate(terms)}
+    matrix = np.zeros((len(reports), len(terms)), dtype=np.uint8)
+    for row, found in enumerate(mined):
+        matrix[row, [column[t] for t in found if t in column]] = 1
+    return matrix, tuple(f"{miner.category[t]}:{t}" for t in terms)

@@ -660,7 +660,7 @@ def build_app(
         configured(TextEncoder, _options(cfg.text_encoder, cfg, max_ongoing_requests=4 * cfg.text_batch_size)).bind(path, cfg, hasher),
         configured(IndexDeployment, _options(cfg.index, cfg, health_check_period_s=5, health_check_timeout_s=60)).bind(index_cfg, bits),
         bits,
-        run.label_names(),
+        run.label_names() if run_cfg.train.supervision == "labels" else [],  # a label-free run knows no labels
         cfg,
         token,
         str(judgments_path(cfg, index_cfg.uri)),

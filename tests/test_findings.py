@@ -5,7 +5,11 @@ import pytest
 
 from medhash.services.config import DataConfig
 from medhash.services.data import open_dataset
-from medhash.services.findings import EMPTY, NO_TERMS, NOT_ENGLISH, FindingMiner, consensus_count, explain
+import numpy as np
+
+from medhash.services.findings import (
+    EMPTY, NO_TERMS, NOT_ENGLISH, FindingMiner, consensus_count, explain, findings_labels,
+)
 
 # Real MedPix captions, mined by hand: (present, absent). Anatomy is never negated.
 MEDPIX_EXPECTED = {
@@ -97,3 +101,11 @@ def test_a_lexicon_with_an_unknown_section_is_refused(tmp_path):
     lexicon.write_text("symptoms:\n  cough: []\n")
     with pytest.raises(ValueError, match="diagnosis, finding, anatomy"):
         FindingMiner(lexicon)
+
+
+def test_mined_findings_become_labels_from_the_training_rows_only(miner):
+    reports = ["Right pleural effusion.", "Left pleural effusion and a lung mass.", "Lung mass.", "No effusion.",
+               "Pneumothorax.", "Pneumothorax and pleural effusion."]
+    matrix, names = findings_labels(miner, reports, fit=np.arange(4))  # rows 4-5 are dev / query
+    assert names == ("finding:mass", "finding:pleural effusion", "anatomy:lung")  # stated by >= 2 training reports
+    assert matrix.tolist() == [[0, 1, 0], [1, 1, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0], [0, 1, 0]]

@@ -10,9 +10,9 @@ import torch
 
 from medhash.services import registry
 from medhash.services.config import MedhashConfig, override
-from medhash.services.data import dataset_root
+from medhash.services.data import dataset_root, open_dataset
 from medhash.services.errors import ConfigError, DataError
-from medhash.services.features.featureset import FeatureSet, build_featureset
+from medhash.services.features.featureset import FeatureSet, build_featureset, supervised_by_findings
 from medhash.services.methods import schedule
 from medhash.training.loop import STATE_FILE, train_loop
 from medhash.training.plots import plot_history
@@ -119,6 +119,8 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
         raise ConfigError(f"train: the {cfg.method} schedule of this config has no epochs, nothing to train")
     started = time.time()
     features = features or build_featureset(cfg)
+    if cfg.train.supervision == "findings":
+        features = supervised_by_findings(features, open_dataset(cfg.data))
     for split in ("train", "dev"):
         if not len(features.rows(split)):
             raise ConfigError(f"{features.dataset}: the {split} split is empty; model selection needs train and dev")

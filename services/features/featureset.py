@@ -122,3 +122,15 @@ def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
         for item_id, row in zip(found, matrix):
             views[position[item_id], v] = row
     return names, views.astype(np.float32)
+
+
+def supervised_by_findings(features: FeatureSet, dataset: Dataset) -> FeatureSet:
+    """``features`` with its labels replaced by the findings mined from each item's report (vocabulary from
+    the train split): what a label-free run trains on (``train.supervision: findings``)."""
+    from medhash.services.findings import FindingMiner, findings_labels
+
+    reports = {item.id: item.report for item in dataset.items}
+    labels, names = findings_labels(FindingMiner(), [reports[i] for i in features.ids], features.rows("train"))
+    log.info("%s: supervised by %d mined findings instead of its %d labels", features.dataset, len(names),
+             len(features.label_names))
+    return replace(features, labels=labels, label_names=names)
