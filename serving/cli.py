@@ -67,12 +67,12 @@ def run_serve(args: argparse.Namespace) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(application, name="medhash", route_prefix="/")
-    print(f"medhash serving {run.path} on http://{settings.serve.host}:{settings.serve.port} (docs at /docs); Ctrl-C stops")
+    print(f"medhash serving {run.path} on http://{settings.serve.host}:{settings.serve.port} (docs at /docs); Ctrl-C stops", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # `docker stop` / `kill` / Ctrl-C: the same clean shutdown
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    print("medhash serve: shutting down")
+    print("medhash serve: shutting down", flush=True)
     serve.shutdown()
     ray.shutdown()
     return 0

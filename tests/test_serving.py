@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -508,7 +509,7 @@ def test_a_judgment_of_a_hit_is_stored_exported_and_kept_across_a_restart(served
     url = start(tiny_run, index_uri, served["port"], require_auth=False)
     item = query_items(dataset)[0]
     answer = requests.post(f"{url}/search/text", json={"text": item.report, "k": 3}, timeout=60).json()
-    assert answer["query"] == {"modality": "text", "sha256": fingerprint(item.report)}
+    assert (answer["query"]["modality"], answer["query"]["sha256"]) == ("text", fingerprint(item.report))
     hit = answer["results"][0]
     judgment = {"user": "alice", "query_modality": "text", "query_sha256": answer["query"]["sha256"],
                 "item_id": hit["id"], "item_modality": hit["modality"], "verdict": "relevant"}
@@ -624,11 +625,15 @@ def test_medhash_serve_shuts_down_cleanly_on_sigterm(served, tiny_run, index_uri
         [str(Path(sys.executable).with_name("medhash")), "serve", "--run", str(tiny_run.path), "--milvus-uri", index_uri,
          "--port", str(served["port"])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    watchdog = threading.Timer(600, process.kill)  # a service that never says it serves fails, never hangs
+    watchdog.start()
     lines = []
     for line in process.stdout:
         lines.append(line)
         if line.startswith("medhash serving"):
             break
+    watchdog.cancel()
+    assert lines and lines[-1].startswith("medhash serving"), "".join(lines)[-2000:]
     assert requests.get(f"{served['url']}/healthz", timeout=30).status_code == 200
     process.send_signal(signal.SIGTERM)
     output = "".join(lines) + process.communicate(timeout=120)[0]

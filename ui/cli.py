@@ -71,7 +71,7 @@ def run_ui(args: argparse.Namespace) -> int:
     from medhash.ui.app import launch
 
     cfg = ui_config(args, api_url=args.api_url)
-    print(f"medhash UI on http://{cfg.host}:{cfg.port} for the API at {cfg.api_url}; Ctrl-C stops")
+    print(f"medhash UI on http://{cfg.host}:{cfg.port} for the API at {cfg.api_url}; Ctrl-C stops", flush=True)
     launch(cfg, os.environ.get(cfg.api_token_env) or None, open_browser=args.open)
     return 0
 
@@ -106,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     try:
         wait_for_api(cfg.api_url, serve)
-        print(f"medhash demo: UI on http://{cfg.host}:{cfg.port}, API on {cfg.api_url} (docs at /docs); Ctrl-C stops both")
+        print(f"medhash demo: UI on http://{cfg.host}:{cfg.port}, API on {cfg.api_url} (docs at /docs); Ctrl-C stops both", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         launch(cfg, None, open_browser=args.open)
     finally:
