@@ -15,17 +15,19 @@ or only boilerplate gets a counted reason, never an invented finding. Mining is 
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from math import ceil
 from dataclasses import dataclass
 from functools import cached_property
+from math import ceil
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+log = logging.getLogger(__name__)
 LEXICON = Path(__file__).with_name("findings_lexicon.yaml")
 CATEGORIES = ("diagnosis", "finding", "anatomy")  # the order findings are listed in
 NEGATABLE = ("diagnosis", "finding")
@@ -178,7 +180,6 @@ def _plural(spelling: str) -> str:
     return spelling + ("es" if spelling.endswith(("s", "x", "z", "sh", "ch")) else "s")
 
 
-
 @dataclass(frozen=True)
 class Explanation:
     """Why a search's hits came back: the query's findings, where they came from, and per hit the
@@ -200,15 +201,15 @@ def consensus_count(reports: int) -> int:
 def explain(miner: FindingMiner, hit_texts: Sequence[str], query_text: str | None = None) -> Explanation:
     """The findings of a text query (its own), or of an image query (the consensus of its hits' distinct
     reports: stated as present by :func:`consensus_count` of them), and the ones each hit's report shares."""
-    hits = [miner.mine(text) for text in hit_texts]
+    mined = {text: miner.mine(text) for text in dict.fromkeys(hit_texts)}  # a study's images share one report
+    hits = [mined[text] for text in hit_texts]
     if query_text is not None:
         query = miner.mine(query_text)
         findings, source = query.positive, "query text"
         note = None if findings else f"the query states no present finding the lexicon knows: {query.reason or 'only absent ones'}"
     else:
-        reports = dict(zip(hit_texts, hits))  # a report shown by several images of its study votes once
-        votes = Counter(term for hit in reports.values() for term in hit.positive)
-        findings = frozenset(t for t, n in votes.items() if n >= consensus_count(len(reports)))
+        votes = Counter(term for report in mined.values() for term in report.positive)  # each report votes once
+        findings = frozenset(t for t, n in votes.items() if n >= consensus_count(len(mined)))
         source = "hits' consensus"
         note = None if findings else "no findings are known for this image: its nearest reports agree on none"
     shared = [
@@ -223,7 +224,9 @@ def findings_labels(miner: FindingMiner, reports: Sequence[str], fit: np.ndarray
                     min_reports: int = 2) -> tuple[np.ndarray, tuple[str, ...]]:
     """Mined findings as a label matrix (uint8 [N, T], names "<category>:<term>") for label-free training:
     the terms stated as present in at least ``min_reports`` of the reports at rows ``fit`` (the training split)."""
-    mined = [miner.mine(text).positive for text in reports]
+    mined, reasons = miner.mine_all(reports)
+    log.info("mined findings of %d reports; none from %s", len(reports), dict(reasons) or "none")
+    mined = [report.positive for report in mined]
     counts = Counter(term for row in fit for term in mined[row])
     terms = ordered((t for t, n in counts.items() if n >= min_reports), miner.category)
     column = {term: j for j, term in enumerate(terms)}

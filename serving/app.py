@@ -339,7 +339,7 @@ class Ingress:
         self.image_store = Path(cfg.image_store or cache_root() / "serve-images")
         self._views: tuple[float, list[str], bool] | None = None  # (listed at, views, complete), see /views
         self.miner = FindingMiner()
-        explain(self.miner, ["warm-up report"], "warm-up query")  # the pipeline and language model loaded
+        explain(self.miner, ["A small right pleural effusion is seen."], "warm-up query of a few words")  # spaCy and py3langid loaded
         api.state.guard = Guard(token, cfg.max_request_bytes)
 
     def _check(self, k: int, bits: int | None, labels: list[str], view: str | None) -> int:
@@ -369,8 +369,8 @@ class Ingress:
         with prometheus.stage("search"):
             hits = await self._index("search", bits, packed, k, DIRECTIONS[direction], tuple(labels), view or None)
         results = [_hit_json(h) for h in hits[0]]
-        with prometheus.stage("explain"):
-            why = explain(self.miner, [r["snippet"] or "" for r in results], text)
+        with prometheus.stage("explain"):  # off the event loop: up to k reports are mined
+            why = await asyncio.to_thread(explain, self.miner, [r["snippet"] or "" for r in results], text)
         for result, shared in zip(results, why.shared):
             result["shared_findings"] = shared
         query = {**query, "findings": why.findings, "findings_from": why.source, "findings_note": why.note}
