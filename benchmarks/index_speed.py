@@ -23,6 +23,7 @@ import numpy as np
 from medhash.services.codes import hamming_distances
 
 INSERT_BATCH = 50_000
+SERVER_INDEXES = ("BIN_FLAT", "BIN_IVF_FLAT")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--nlist", type=int, default=1024, help="IVF clusters (FAISS and the server; default 1024)")
     parser.add_argument("--nprobe", default="16,64", help="IVF clusters searched, comma-separated (default 16,64)")
     parser.add_argument("--no-lite", action="store_true", help="skip milvus-lite (its insert is slow at 10 M)")
+    parser.add_argument("--server-index", default="BIN_FLAT,BIN_IVF_FLAT",
+                        help="the server's index types, comma-separated (default BIN_FLAT,BIN_IVF_FLAT; at 10 M one per "
+                             "server start: a dropped collection's memory is not released at once)")
     parser.set_defaults(func=run)
 
 
@@ -69,11 +73,14 @@ def run(args: argparse.Namespace) -> int:
         nprobes = tuple(int(p) for p in args.nprobe.split(","))
     except ValueError:
         raise ConfigError(f"--nprobe takes comma-separated integers, got {args.nprobe!r}") from None
+    server_indexes = tuple(args.server_index.split(","))
+    if not set(server_indexes) <= set(SERVER_INDEXES):
+        raise ConfigError(f"--server-index takes {' or '.join(SERVER_INDEXES)}, comma-separated; got {args.server_index!r}")
     if args.n < args.k or args.queries < 1 or args.nlist < 1 or args.nlist > args.n or min(nprobes) < 1:
         raise ConfigError(f"need --n >= --k, --n >= --nlist >= 1, --queries >= 1 and --nprobe >= 1; got n={args.n} "
                           f"k={args.k} nlist={args.nlist} queries={args.queries} nprobe={args.nprobe}")
     result = measure_index_speed(args.n, args.queries, args.bits, args.k, milvus_uri=args.milvus_uri,
-                                 nlist=args.nlist, nprobes=nprobes, lite=not args.no_lite)
+                                 nlist=args.nlist, nprobes=nprobes, lite=not args.no_lite, server_indexes=server_indexes)
     print(format_report(result))
     return 0
 
@@ -95,7 +102,7 @@ def clustered_codes(n: int, queries: int, bits: int, seed: int = 0, centres: int
 
 def measure_index_speed(n: int = 1_000_000, queries: int = 100, bits: int = 64, k: int = 10, seed: int = 0,
                         milvus_uri: str | None = None, nlist: int = 1024, nprobes: tuple[int, ...] = (16, 64),
-                        lite: bool = True) -> IndexSpeed:
+                        lite: bool = True, server_indexes: tuple[str, ...] = SERVER_INDEXES) -> IndexSpeed:
     """Time and score top-k Hamming search by every method on the same clustered codes."""
     import faiss
 
@@ -137,10 +144,12 @@ def measure_index_speed(n: int = 1_000_000, queries: int = 100, bits: int = 64, 
                                    query_codes, bits, k, recall, "milvus-lite BIN_FLAT")[0])
     if milvus_uri:
         suffix = f"{bits}_{n}"
-        timings += _milvus(milvus_uri, f"bench_flat_{suffix}", "BIN_FLAT", nlist, (0,), database, query_codes,
-                           bits, k, recall, "Milvus server BIN_FLAT")
-        timings += _milvus(milvus_uri, f"bench_ivf{nlist}_{suffix}", "BIN_IVF_FLAT", nlist, nprobes, database,
-                           query_codes, bits, k, recall, f"Milvus server BIN_IVF_FLAT nlist {nlist}")
+        if "BIN_FLAT" in server_indexes:
+            timings += _milvus(milvus_uri, f"bench_flat_{suffix}", "BIN_FLAT", nlist, (0,), database, query_codes,
+                               bits, k, recall, "Milvus server BIN_FLAT")
+        if "BIN_IVF_FLAT" in server_indexes:
+            timings += _milvus(milvus_uri, f"bench_ivf{nlist}_{suffix}", "BIN_IVF_FLAT", nlist, nprobes, database,
+                               query_codes, bits, k, recall, f"Milvus server BIN_IVF_FLAT nlist {nlist}")
     return IndexSpeed(n, queries, bits, k, timings)
 
 

@@ -28,3 +28,16 @@ def test_every_method_is_timed_and_exact_methods_have_full_recall(milvus_server)
     assert all(t.p50_ms > 0 and t.batched_ms > 0 for t in result.timings)
     report = format_report(result)
     assert "| Milvus server BIN_FLAT |" in report and "x FAISS IndexBinaryFlat's p50" in report
+
+
+def test_an_unknown_server_index_type_is_refused_before_anything_is_measured():
+    import argparse
+
+    from medhash.benchmarks.index_speed import register
+    from medhash.services.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["speed-index", "--n", "100", "--nlist", "4", "--server-index", "BIN_FLAT,HNSW"])
+    with pytest.raises(ConfigError, match="--server-index takes BIN_FLAT or BIN_IVF_FLAT"):
+        args.func(args)
