@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medhash.services.augment import augment_dataset, load_augmentations, run_augmentation
+from medhash.services.augment import augment_dataset, run_augmentation, views_key
 from medhash.services.augment.cache import cache_path
 from medhash.services.augment.generators import (
     ExtractiveGenerator,
@@ -19,12 +19,15 @@ from medhash.services.augment.generators import (
     clean_generation,
     make_generator,
     negated_findings,
+    prompt_source,
     positive_findings,
 )
+from medhash.services.augment.grounding import EMPTY, NOTHING_KEPT, Source, Verdict, source_text, verify
 from medhash.services.augment.templates import TEMPLATES, prompt_fields, read_prompt
 from medhash.services.config import AugmentConfig, LLMConfig
 from medhash.services.data.item import Dataset, Item
 from medhash.services.errors import ConfigError, DataError
+from medhash.services.findings import FindingMiner
 
 IU_NORMAL = Item(
     id="iu-1", image_paths=(), report="", patient_id="1", labels=("mesh:normal",), split="train", view="PA",
@@ -83,7 +86,7 @@ class Interrupting:
 
     def __init__(self, stop_at: int | None = None):
         self.inner, self.stop_at, self.calls, self.prompts = ExtractiveGenerator(), stop_at, 0, []
-        self.key = self.inner.key
+        self.key, self.copies_source = self.inner.key, True
 
     def generate(self, prompts: list[str]) -> list[str]:
         self.calls += 1
@@ -183,7 +186,6 @@ def test_cache_resumes_after_interrupt_and_tolerates_a_truncated_line():
     assert (run.cached, run.generated) == (4, 14) and len(resumed.prompts) == 14
     assert not set(interrupted.prompts) & set(resumed.prompts)  # nothing recomputed
     assert all(json.loads(line) for line in path.read_text().splitlines())  # the cut line is gone
-    assert run.texts == load_augmentations("unit", cfg)
 
     again = run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=Interrupting())
     assert (again.cached, again.generated) == (18, 0) and again.texts == run.texts
@@ -194,7 +196,6 @@ def test_template_version_and_input_are_part_of_the_key(monkeypatch):
     first = augment_dataset(dataset, cfg, LLMConfig(), progress=False)
     bumped = dataclasses.replace(TEMPLATES["report_summary"], version="2")
     monkeypatch.setitem(TEMPLATES, "report_summary", bumped)
-    assert load_augmentations("unit", cfg)["item-0"].keys() == {"image_description", "joint_reasoning"}
     run = run_augmentation(dataset, cfg, LLMConfig(), progress=False)
     assert (run.generated, run.cached) == (3, 6) and run.texts == first
 
@@ -221,8 +222,6 @@ def test_corrupt_cache_line_is_a_clear_error():
     path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     with pytest.raises(DataError, match=r"extractive-v1.jsonl:2: not an augmentation record"):
         augment_dataset(dataset, cfg, LLMConfig(), progress=False)
-    with pytest.raises(DataError, match="medhash augment --dataset nowhere"):
-        load_augmentations("nowhere", cfg)
 
 
 # --- LLM output cleanup and the local LM ---------------------------------------------------------
@@ -249,18 +248,117 @@ def test_local_generator_batches_left_padded_prompts():
     assert generator.generate(prompts) == alone  # padding does not change what a prompt gets
 
 
+def clauses_of(text: str) -> list[str]:
+    return [c.strip() for c in re.split(r"[.,;]", text) if c.strip()]
+
+
+def test_copy_constrained_decoding_writes_only_whole_clauses_of_the_prompt_fields():
+    from medhash.services.backbones.llm import tiny_causal_lm
+
+    model, tokenizer = tiny_causal_lm()
+    generator = LocalLMGenerator(model, tokenizer, "tiny", max_new_tokens=240, temperature=0.0, batch_size=2, copy=True)
+    prompts = [TEMPLATES[name].fill(prompt_fields(item))
+               for name, item in (("report_summary", MEDPIX_STYLE), ("image_description", with_report(IU_ABNORMAL)))]
+    texts = generator.generate(prompts)
+    for prompt, text in zip(prompts, texts):
+        source = clauses_of(prompt_source(prompt))
+        written = clauses_of(text)
+        assert written and all(clause in source for clause in written), (text, source)
+        assert len(written) == len(set(written))  # each clause at most once
+    assert prompt_source(prompts[0]).startswith("60-year-old woman with chest pain. Axial CT of the chest")
+
+
 @pytest.mark.real
 def test_local_gemma_generates_clean_text():
-    cfg = AugmentConfig(generator="local", max_new_tokens=16, batch_size=2)
+    cfg = AugmentConfig(generator="local", decoding="free", max_new_tokens=16, batch_size=2)
     generator = make_generator(cfg, LLMConfig())
     fields = [prompt_fields(with_report(IU_ABNORMAL)), prompt_fields(MEDPIX_STYLE)]
     texts = generator.generate([TEMPLATES["report_summary"].fill(f) for f in fields])
-    assert generator.key == "local-gemma-3-270m-n16-t0"
+    assert generator.key == "local-gemma-3-270m-free-n16-t0"
     for text in texts:
         assert text.strip() and "\n\n" not in text and "<" not in text
         assert len(text.split()) <= 16
         sentences = [s.lower() for s in re.split(r"(?<=[.!?])\s+", text)]
         assert len(sentences) == len(set(sentences))
+
+
+# --- grounded LLM views ---------------------------------------------------------------------------
+
+
+class Writer:
+    """A model-like generator: each view copies the source's first sentence, then adds ``extra``."""
+
+    key, copies_source = "writer", False
+
+    def __init__(self, extra: str):
+        self.extra = extra
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        return [f"{read_prompt(p)[1]['Findings'].split('. ')[0]}. {self.extra}" for p in prompts]
+
+
+def grounded(view: str, source: str) -> Verdict:
+    miner = FindingMiner()
+    return verify(view, Source.of(source, miner), miner)
+
+
+def test_a_view_keeps_what_its_source_states_and_drops_what_it_does_not():
+    source = IU_ABNORMAL.sections["findings"]
+    assert grounded("Small left pleural effusions; no pneumothorax.", source).dropped == ()  # copied, plural
+    made_up = grounded("Small left pleural effusion. Severe pulmonary edema.", source)
+    assert made_up.text == "Small left pleural effusion." and made_up.reason is None
+    assert made_up.dropped[0][1].startswith("a finding the source does not state: edema")
+    assert (made_up.findings, made_up.grounded) == (3, 2)  # pleural effusion and lung are stated; edema is not
+    flipped = grounded("There is a pneumothorax.", source)
+    assert flipped.reason == NOTHING_KEPT and "a negation flipped: pneumothorax" in flipped.dropped[0][1]
+    outside_lexicon = grounded("A hypoechoic calcified granuloma.", source)  # a word the source never uses
+    assert outside_lexicon.reason == NOTHING_KEPT and "words not in the source: hypoechoic" in outside_lexicon.dropped[0][1]
+    assert grounded("Right upper lung granuloma, calcified, 4 cm.", source).reason == NOTHING_KEPT  # an invented size
+    assert grounded("  ", source).reason == EMPTY
+
+
+def test_an_llm_run_keeps_grounded_sentences_caches_what_was_written_and_counts_why():
+    dataset, cfg = small_dataset(3), AugmentConfig(generator="openai", model="m", templates=("report_summary",))
+    run = run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=Writer("Massive pulmonary embolism."))
+    for item in dataset.items:
+        first = item.sections.get("caption", item.sections.get("findings")).split(". ")[0] + "."
+        assert run.texts[item.id]["report_summary"] == first  # the invented embolism is gone
+    report = run.grounding["report_summary"]
+    assert (report.kept, report.kept_in_part, sum(report.dropped.values())) == (3, 3, 0)
+    assert report.dropped_sentences == {"a finding the source does not state": 3} and report.rate < 1
+    cached = [json.loads(line)["text"] for line in run.cache_path.read_text().splitlines()]
+    assert all(text.endswith("Massive pulmonary embolism.") for text in cached)  # the rules can change later
+    assert views_key(cfg, LLMConfig()).endswith("-grounded-v1") and views_key(AugmentConfig(), LLMConfig()) == "extractive-v1"
+
+    nothing = run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=Writer("x"))
+    assert nothing.cached == 3 and nothing.texts == run.texts  # cached raw text, checked again
+
+
+@pytest.mark.real
+def test_the_full_depth_gemma_writes_views_of_real_captions_and_only_grounded_ones_are_kept(shared_data):
+    from medhash.services.config import DataConfig
+    from medhash.services.data import open_dataset
+
+    ids = ("MPX1201_synpic30961", "MPX1197_synpic46448", "MPX1278_synpic21143")
+    dataset = open_dataset(DataConfig(dataset="medpix2", root=shared_data / "medpix2"), pairs_only=False)
+    items = Dataset("medpix2-grounding-test", [item for item in dataset.items if item.id in ids], [])
+    assert len(items.items) == 3
+    cfg = AugmentConfig(generator="local", templates=("report_summary",), batch_size=3)
+    generator = make_generator(cfg, LLMConfig(num_layers=2))  # training's cut-down depth is not the writer's
+    assert generator.model.config.num_hidden_layers == 18 and generator.key == "local-gemma-3-270m-copy-n48-t0"
+    run = run_augmentation(items, cfg, LLMConfig(num_layers=2), progress=False, generator=generator)
+    report = run.grounding["report_summary"]
+    assert report.kept + sum(report.dropped.values()) == 3 and report.findings > 0
+    miner = FindingMiner()
+    for item_id, views in run.texts.items():
+        source = Source.of(source_text(next(i for i in items.items if i.id == item_id)), miner)
+        assert verify(views["report_summary"], source, miner).dropped == ()  # every kept sentence is supported
+
+    flow = next(item for item in items.items if item.id == ids[0])
+    source = Source.of(source_text(flow), miner)
+    assert verify("Chest CT demonstrating normal right pulmonary arterial flow.", source, miner).reason is None
+    invented = "Pulmonary artery occlusion, mild pneumothorax and severe lung injury."  # what Gemma once wrote
+    assert verify(invented, source, miner).reason == NOTHING_KEPT
 
 
 # --- OpenAI-compatible endpoint ------------------------------------------------------------------

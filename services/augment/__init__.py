@@ -1,7 +1,9 @@
 """LSCH stage 1: extra text views of each pair from three prompt templates, generated once and cached.
 
 :func:`augment_dataset` fills the templates for every item, answers what the cache holds and
-generates the rest; :func:`load_augmentations` is what training reads.
+generates the rest. The cache keeps what the generator wrote; an LLM's views then keep only the
+sentences their source supports (:mod:`.grounding`), checked on every run, so a change of the rules
+never needs the LLM again.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from tqdm import tqdm
 
 from medhash.services.augment.cache import AugmentCache, Record, cache_path, prompt_hash
 from medhash.services.augment.generators import Generator, generator_key, make_generator
+from medhash.services.augment.grounding import VERSION as GROUNDING_VERSION
+from medhash.services.augment.grounding import Source, TemplateGrounding, source_text, verify
 from medhash.services.augment.templates import TEMPLATES, acquisition, prompt_fields
 from medhash.services.config import AugmentConfig, LLMConfig
 from medhash.services.data.item import Dataset, Item
 from medhash.services.data.text import summarize
-from medhash.services.errors import DataError
+from medhash.services.findings import FindingMiner
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +30,15 @@ Augmentations = dict[str, dict[str, str]]  # item id -> template name -> text
 
 @dataclass
 class AugmentRun:
-    """What one run produced: the texts, how many were generated or cached, and the bad items."""
+    """What one run produced: the texts, how many were generated or cached, the bad items, and per
+    template how the LLM's views fared against their sources (empty for the extractive generator)."""
 
     texts: Augmentations
     cache_path: Path
     generated: int = 0
     cached: int = 0
     problems: list[str] = field(default_factory=list)
+    grounding: dict[str, TemplateGrounding] = field(default_factory=dict)
 
 
 def augment_dataset(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, progress: bool = True) -> Augmentations:
@@ -53,11 +59,23 @@ def run_augmentation(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, p
     Templates run in a fixed order, image description first, because joint reasoning is given the
     description of the same run (or, when that template is not selected, the item's acquisition line).
     Items without report text are reported and skipped, as are empty generations (not cached, so a
-    later run retries them).
+    later run retries them). A generator that does not copy its source has every view verified.
     """
     key = generator.key if generator else generator_key(cfg, llm_cfg)
+    checked = not (generator.copies_source if generator else cfg.generator == "extractive")
     cache = AugmentCache(cache_path(dataset.name, key))
     run = AugmentRun(texts={}, cache_path=cache.path)
+    miner, sources = (FindingMiner(), {}) if checked else (None, None)
+
+    def take(item: Item, name: str, text: str) -> None:
+        if checked:
+            if item.id not in sources:
+                sources[item.id] = Source.of(source_text(item), miner)
+            verdict = verify(text, sources[item.id], miner)
+            run.grounding.setdefault(name, TemplateGrounding()).add(verdict)
+            text = verdict.text
+        if text:
+            run.texts.setdefault(item.id, {})[name] = text
     items = [item for item in dataset.items if item.report.strip()]
     if len(items) < len(dataset.items):
         no_text = [item.id for item in dataset.items if not item.report.strip()]
@@ -74,41 +92,28 @@ def run_augmentation(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, p
                     if text is None:
                         missing.append((item, prompt))
                     else:
-                        run.texts.setdefault(item.id, {})[name] = text
+                        take(item, name, text)
                         run.cached += 1
                 if missing:
                     generator = generator or make_generator(cfg, llm_cfg)
                     outputs = generator.generate([prompt for _, prompt in missing])
                     for (item, prompt), text in zip(missing, outputs):
-                        keep(run, cache, item, name, prompt, text, key)
+                        if not text.strip():
+                            run.problems.append(f"item {item.id}: empty {name} generation, not cached")
+                            continue
+                        cache.add(Record(item.id, name, TEMPLATES[name].version, key, prompt_hash(prompt), text))
+                        run.generated += 1
+                        take(item, name, text)
                 bar.update(len(batch))
     return run
+
+
+def views_key(cfg: AugmentConfig, llm_cfg: LLMConfig) -> str:
+    """What the views of ``cfg`` are named by: the generator, and for an LLM the grounding rules too."""
+    key = generator_key(cfg, llm_cfg)
+    return key if cfg.generator == "extractive" else f"{key}-{GROUNDING_VERSION}"
 
 
 def description(texts: Augmentations, item: Item) -> str:
     """The image description joint reasoning is given: this run's, else the acquisition line."""
     return texts.get(item.id, {}).get("image_description") or acquisition(item)
-
-
-def keep(run: AugmentRun, cache: AugmentCache, item: Item, name: str, prompt: str, text: str, key: str) -> None:
-    if not text.strip():
-        run.problems.append(f"item {item.id}: empty {name} generation, not cached")
-        return
-    cache.add(Record(item.id, name, TEMPLATES[name].version, key, prompt_hash(prompt), text))
-    run.texts.setdefault(item.id, {})[name] = text
-    run.generated += 1
-
-
-def load_augmentations(dataset_name: str, cfg: AugmentConfig, llm_cfg: LLMConfig = LLMConfig()) -> Augmentations:
-    """The cached texts of ``cfg``'s generator for ``cfg.templates`` at their current versions.
-
-    ``llm_cfg`` matters only for the "local" generator, whose cache is named by the model.
-    """
-    path = cache_path(dataset_name, generator_key(cfg, llm_cfg))
-    if not path.is_file():
-        raise DataError(f"no augmentations at {path}: run `medhash augment --dataset {dataset_name}` first")
-    texts: Augmentations = {}
-    for record in AugmentCache(path).records.values():
-        if record.template in cfg.templates and record.template_version == TEMPLATES[record.template].version:
-            texts.setdefault(record.id, {})[record.template] = record.text
-    return texts

@@ -40,6 +40,8 @@ def run_augment(args: argparse.Namespace) -> int:
     print(f"{dataset.name}: {len(run.texts):,} items, {run.generated:,} texts generated, "
           f"{run.cached:,} from cache ({cfg.augment.generator}: {', '.join(cfg.augment.templates)})")
     print(f"cache: {run.cache_path}")
+    for name, grounding in run.grounding.items():
+        print(f"grounding: {grounding.line(name)}")
     for problem in run.problems:
         print(f"problem: {problem}")
     return 0

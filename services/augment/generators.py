@@ -1,13 +1,15 @@
 """Text generators behind one interface, ``generate(prompts) -> texts``, and their output cleanup.
 
 - :class:`ExtractiveGenerator` needs no model: section- and negation-aware sentence selection.
-- :class:`LocalLMGenerator` runs a Hugging Face causal LM (default: the offline Gemma-3-270M).
+- :class:`LocalLMGenerator` runs a Hugging Face causal LM (default: the offline Gemma-3-270M), by default
+  copy-constrained (:class:`CopyConstraint`: it may only write whole clauses of the prompt's fields).
 - :class:`OpenAIGenerator` calls an OpenAI-compatible server (vLLM, Ollama, TGI) through
   ``POST {endpoint}/v1/chat/completions``: the chat route, because every such server offers it and
   the instruction-tuned models a hospital would deploy expect their chat template.
 
 Each generator has a ``key`` naming it and its decoding settings (:func:`generator_key`); the cache
-files are named by it.
+files are named by it. ``copies_source`` says whether its text is the source's own (extractive) or
+written by a model, and so checked against the source (:mod:`.grounding`).
 """
 from __future__ import annotations
 
@@ -29,20 +31,23 @@ log = logging.getLogger(__name__)
 
 class Generator(Protocol):
     key: str
+    copies_source: bool
 
     def generate(self, prompts: list[str]) -> list[str]: ...
 
 
 def make_generator(cfg: AugmentConfig, llm_cfg: LLMConfig) -> Generator:
-    """The generator ``cfg.generator`` names; "local" loads ``llm_cfg``'s model."""
+    """The generator ``cfg.generator`` names; "local" loads ``llm_cfg``'s model at full depth, whatever
+    depth training cuts it to: a cut-down model writes worse, and one cache serves every training depth."""
     key = generator_key(cfg, llm_cfg)
     if cfg.generator == "extractive":
         return ExtractiveGenerator()
     if cfg.generator == "local":
         from medhash.services.backbones.llm import load_causal_lm
 
-        model, tokenizer = load_causal_lm(llm_cfg)
-        return LocalLMGenerator(model, tokenizer, key, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+        model, tokenizer = load_causal_lm(llm_cfg.model_copy(update={"num_layers": None}))
+        return LocalLMGenerator(model, tokenizer, key, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                copy=cfg.decoding == "copy")
     return OpenAIGenerator(
         cfg.endpoint, cfg.model, cfg.api_key_env, key, cfg.max_new_tokens, cfg.temperature,
         timeout_s=cfg.timeout_s, retries=cfg.retries, workers=cfg.batch_size,
@@ -54,7 +59,7 @@ def generator_key(cfg: AugmentConfig, llm_cfg: LLMConfig) -> str:
     if cfg.generator == "extractive":
         return ExtractiveGenerator.key
     if cfg.generator == "local":
-        model = llm_cfg.name + (f"-L{llm_cfg.num_layers}" if llm_cfg.num_layers else "")
+        model = f"{llm_cfg.name}-{cfg.decoding}"  # always the full model (make_generator)
     else:
         model = cfg.model
     return slug(f"{cfg.generator}-{model}-n{cfg.max_new_tokens}-t{cfg.temperature:g}")
@@ -187,6 +192,7 @@ class ExtractiveGenerator:
     """
 
     key = "extractive-v1"  # bump when the selection rules change
+    copies_source = True
 
     def generate(self, prompts: list[str]) -> list[str]:
         return [self._answer(*read_prompt(p)) for p in prompts]
@@ -215,20 +221,80 @@ class ExtractiveGenerator:
         return " ".join(parts)
 
 
+_FIELD = re.compile(r"^[A-Z][\w /-]{0,40}: (.+)$", re.MULTILINE)  # a prompt's "Findings: ..." line
+_CLAUSE_END = (".", ",", ";")
+
+
+def prompt_source(prompt: str) -> str:
+    """The texts of a prompt's labelled fields, each ended as a sentence: what a copy-constrained
+    answer may copy from."""
+    return " ".join(end_sentence(" ".join(value.split())) for value in _FIELD.findall(prompt))
+
+
+def whole_clauses(text: str) -> str:
+    """``text`` up to its last clause end (a copy cut short by the token budget loses its unfinished clause)."""
+    cut = max(text.rfind(mark) for mark in _CLAUSE_END)
+    return text[: cut + 1] if cut >= 0 else ""
+
+
+class CopyConstraint:
+    """Copy-constrained decoding (``prefix_allowed_tokens_fn`` of ``generate``): the model may only write
+    whole clauses of its source, each at most once, in the order it chooses, and stop after any of them.
+
+    A clause is a run of the source's tokens up to and including a clause end (".", ",", ";"), so a
+    negation stays with what it negates ("No dominant prostate mass is evident."). Every word written is
+    the source's; the model decides which clauses each template keeps and in what order.
+    """
+
+    def __init__(self, tokenizer, sources: list[str], prompt_length: int):
+        self.prompt_length, self.end = prompt_length, tokenizer.eos_token_id
+        ends = {tokenizer.convert_tokens_to_ids(mark) for mark in _CLAUSE_END}
+        self.clauses: list[list[list[int]]] = []
+        for source in sources:
+            clauses, current = [], []
+            for token in tokenizer(" " + source, add_special_tokens=False)["input_ids"]:
+                current.append(token)
+                if token in ends:
+                    clauses.append(current)
+                    current = []
+            self.clauses.append(clauses + ([current] if current else []))
+
+    def __call__(self, row: int, input_ids) -> list[int]:
+        clauses = self.clauses[row]
+        used: set[int] = set()
+        open_clauses = None  # (clause, tokens copied) of the clause being written; None: between clauses
+        for token in input_ids[self.prompt_length:].tolist():
+            if open_clauses is None:
+                open_clauses = [(c, 0) for c in range(len(clauses)) if c not in used]
+            open_clauses = [(c, k + 1) for c, k in open_clauses if k < len(clauses[c]) and clauses[c][k] == token]
+            done = [c for c, k in open_clauses if k == len(clauses[c])]
+            if done:
+                used.add(done[0])
+                open_clauses = None
+        if open_clauses is None:
+            starts = sorted({clauses[c][0] for c in range(len(clauses)) if c not in used})
+            return starts + [self.end] if used else starts or [self.end]
+        return sorted({clauses[c][k] for c, k in open_clauses}) or [self.end]
+
+
 class LocalLMGenerator:
     """A Hugging Face causal LM generating for batches of left-padded prompts.
 
     Small base models loop quickly, so decoding penalises repeats and the output is cleaned
-    (:func:`clean_generation`). ``temperature`` 0 is greedy decoding.
+    (:func:`clean_generation`). ``temperature`` 0 is greedy decoding. With ``copy`` the model may only
+    write whole clauses of the prompt's fields (:class:`CopyConstraint`), with no repeat penalties.
     """
 
-    def __init__(self, model, tokenizer, key: str, max_new_tokens: int, temperature: float, batch_size: int):
+    copies_source = False
+
+    def __init__(self, model, tokenizer, key: str, max_new_tokens: int, temperature: float, batch_size: int,
+                 copy: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
-        self.key = key
+        self.key, self.copy = key, copy
 
     def generate(self, prompts: list[str]) -> list[str]:
         import torch
@@ -239,14 +305,20 @@ class LocalLMGenerator:
     def _generate(self, prompts: list[str]) -> list[str]:
         texts = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = self.tokenizer(prompts[start:start + self.batch_size], return_tensors="pt", padding=True)
-            sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+            chunk = prompts[start:start + self.batch_size]
+            batch = self.tokenizer(chunk, return_tensors="pt", padding=True)
+            decoding = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+            if self.copy:  # copies repeat the prompt's n-grams by design; each clause is used once instead
+                decoding["prefix_allowed_tokens_fn"] = CopyConstraint(
+                    self.tokenizer, [prompt_source(p) for p in chunk], batch["input_ids"].shape[1])
+            else:
+                decoding |= {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
             out = self.model.generate(
-                **batch, max_new_tokens=self.max_new_tokens, repetition_penalty=1.3, no_repeat_ngram_size=3,
-                pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                **batch, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **decoding,
             )
             new_tokens = out[:, batch["input_ids"].shape[1]:]
-            texts += [clean_generation(t) for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            written = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            texts += [whole_clauses(t.strip()) if self.copy else clean_generation(t) for t in written]
         return texts
 
 
@@ -256,6 +328,8 @@ class OpenAIGenerator:
     The API key is read from the environment variable ``api_key_env`` (no header when unset, as for a
     local vLLM). Connection failures, timeouts, HTTP 429 and 5xx are retried with exponential backoff.
     """
+
+    copies_source = False
 
     def __init__(self, endpoint: str, model: str, api_key_env: str, key: str, max_new_tokens: int, temperature: float,
                  timeout_s: float = 60.0, retries: int = 3, workers: int = 4, backoff_s: float = 1.0):
