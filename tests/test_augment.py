@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medhash.services.augment import augment_dataset, run_augmentation, views_key
+from medhash.services.augment import augment_dataset, run_augmentation
 from medhash.services.augment.cache import cache_path
 from medhash.services.augment.generators import (
     ExtractiveGenerator,
@@ -23,7 +23,7 @@ from medhash.services.augment.generators import (
     positive_findings,
 )
 from medhash.services.augment.grounding import EMPTY, NOTHING_KEPT, Source, Verdict, source_text, verify
-from medhash.services.augment.templates import TEMPLATES, prompt_fields, read_prompt
+from medhash.services.augment.templates import TEMPLATES, acquisition, prompt_fields, read_prompt
 from medhash.services.config import AugmentConfig, LLMConfig
 from medhash.services.data.item import Dataset, Item
 from medhash.services.errors import ConfigError, DataError
@@ -109,6 +109,8 @@ def test_templates_fill_every_field_and_read_back():
         again, values = read_prompt(prompt)
         assert again is template
         assert values == {f: " ".join(fields[f].split()) for f in template.fields if fields[f]}
+    non_contrast = dataclasses.replace(MEDPIX_STYLE, report="Non-contrast CT of the head. X-ray of the chest.")
+    assert acquisition(non_contrast) == "Axial; CT; X-ray; head; chest"  # no "contrast" for a non-contrast study
     history_free = TEMPLATES["report_summary"].fill(prompt_fields(MEDPIX_STYLE) | {"History": " \n"})
     assert "History:" not in history_free  # empty fields are left out
     with pytest.raises(ValueError, match="not a medhash augmentation prompt"):
@@ -328,7 +330,6 @@ def test_an_llm_run_keeps_grounded_sentences_caches_what_was_written_and_counts_
     assert report.dropped_sentences == {"a finding the source does not state": 3} and report.rate < 1
     cached = [json.loads(line)["text"] for line in run.cache_path.read_text().splitlines()]
     assert all(text.endswith("Massive pulmonary embolism.") for text in cached)  # the rules can change later
-    assert views_key(cfg, LLMConfig()).endswith("-grounded-v1") and views_key(AugmentConfig(), LLMConfig()) == "extractive-v1"
 
     nothing = run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=Writer("x"))
     assert nothing.cached == 3 and nothing.texts == run.texts  # cached raw text, checked again

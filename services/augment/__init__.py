@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from medhash.services.augment.cache import AugmentCache, Record, cache_path, prompt_hash
 from medhash.services.augment.generators import Generator, generator_key, make_generator
-from medhash.services.augment.grounding import VERSION as GROUNDING_VERSION
 from medhash.services.augment.grounding import Source, TemplateGrounding, source_text, verify
 from medhash.services.augment.templates import TEMPLATES, acquisition, prompt_fields
 from medhash.services.config import AugmentConfig, LLMConfig
@@ -106,12 +105,6 @@ def run_augmentation(dataset: Dataset, cfg: AugmentConfig, llm_cfg: LLMConfig, p
                         take(item, name, text)
                 bar.update(len(batch))
     return run
-
-
-def views_key(cfg: AugmentConfig, llm_cfg: LLMConfig) -> str:
-    """What the views of ``cfg`` are named by: the generator, and for an LLM the grounding rules too."""
-    key = generator_key(cfg, llm_cfg)
-    return key if cfg.generator == "extractive" else f"{key}-{GROUNDING_VERSION}"
 
 
 def description(texts: Augmentations, item: Item) -> str:

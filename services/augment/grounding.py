@@ -26,7 +26,6 @@ from medhash.services.augment.templates import prompt_fields
 from medhash.services.data.item import Item
 from medhash.services.findings import FindingMiner, MinedText
 
-VERSION = "grounded-v1"  # part of the views' feature-cache key: bump when the rules change
 # words that arrange facts without stating one (the templates' answer cues use them)
 CONNECTIVES = frozenset({
     "shows", "show", "showing", "shown", "demonstrates", "demonstrate", "demonstrating", "demonstrated",

@@ -114,7 +114,8 @@ def acquisition(item: Item) -> str:
     for terms in IMAGING_TERMS.values():
         for term in terms:
             flags = 0 if term.isupper() else re.IGNORECASE  # acronyms match in capitals only
-            if term.lower() not in known and re.search(rf"\b{re.escape(term)}\b", item.report, flags):
+            # not after a hyphen: "Non-contrast CT" is no contrast study
+            if term.lower() not in known and re.search(rf"(?<![\w-]){re.escape(term)}\b", item.report, flags):
                 parts.append(term)
                 known += " " + term.lower()
     return "; ".join(dict.fromkeys(one_line(p) for p in parts if one_line(p)))

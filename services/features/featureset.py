@@ -104,7 +104,8 @@ def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progres
 
 def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
     """Features of each augmented text view; an item without a view falls back to its report."""
-    from medhash.services.augment import augment_dataset, views_key
+    from medhash.services.augment import augment_dataset
+    from medhash.services.augment.generators import generator_key
     from medhash.services.features.cache import FeatureCache, extract_text_features
 
     augmented = augment_dataset(dataset, cfg.augment, cfg.llm, progress=progress)
@@ -115,7 +116,7 @@ def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
         have = [i for i in ids if augmented.get(i, {}).get(name, "").strip()]
         found, matrix = extract_text_features(
             have, [augmented[i][name] for i in have], text_encoder,
-            FeatureCache.for_encoder(dataset.name, text_encoder, f"augment:{name}:{views_key(cfg.augment, cfg.llm)}"),
+            FeatureCache.for_encoder(dataset.name, text_encoder, f"augment:{name}:{generator_key(cfg.augment, cfg.llm)}"),
             progress=progress,
         )
         for item_id, row in zip(found, matrix):
