@@ -11,7 +11,7 @@ findings, impression). A generated sentence is kept when
 - it states something: at least one content word.
 
 So a kept view copies its facts from the source, in the model's own arrangement. A view with no kept
-sentence is dropped. :class:`GroundingReport` counts, per template, the views kept and dropped and why,
+sentence is dropped. :class:`TemplateGrounding` counts, per template, the views kept and dropped and why,
 and the groundedness rate: the share of the findings the model wrote that the source supports.
 """
 from __future__ import annotations
@@ -76,9 +76,9 @@ def verify(view: str, source: Source, miner: FindingMiner) -> Verdict:
     for sentence in sentences(view):
         mined = miner.mine(sentence)
         problems = []
-        for mention in {(m.term, m.negated) for m in mined.mentions}:
+        for term, negated in sorted({(m.term, m.negated) for m in mined.mentions}):  # sorted: stable reasons
             findings += 1
-            problem = _finding_problem(*mention, source.mined)
+            problem = _finding_problem(term, negated, source.mined)
             grounded += problem is None
             if problem:
                 problems.append(problem)
