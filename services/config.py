@@ -108,7 +108,7 @@ class AugmentConfig(Section):
     retries: int = Field(3, ge=0)
     max_new_tokens: int = Field(48, ge=1, le=2048)
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: greedy
-    # "local": "copy" lets the model write only spans of the prompt's fields (a base model invents findings
+    # "local": "copy" lets the model write only whole clauses of the prompt's fields (a base model invents findings
     # when it writes freely, docs/results.md); "free" is unconstrained. Both are checked against the source.
     decoding: Literal["copy", "free"] = "copy"
     templates: tuple[Literal["image_description", "report_summary", "joint_reasoning"], ...] = (
