@@ -48,11 +48,11 @@ class HashModel(nn.Module):
     paper: str = ""  # the publication this method re-implements
     float_stages: tuple[str, ...] = ()  # stages before the codes train (dev scores then use the float embeddings)
     frozen_prefixes: tuple[str, ...] = ()  # state-dict prefixes of frozen pretrained weights, never saved
-    reads_text: bool = False  # takes the LLM's readings of the texts (text_backbone.name: llm) as text features
+    accepts_readings: bool = False  # takes the LLM's readings of the texts (text_backbone.name: llm) as text features
 
     def __init__(self, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int = 0) -> None:
         super().__init__()
-        if cfg.text_backbone.name == LLM_READER and not self.reads_text:
+        if cfg.text_backbone.name == LLM_READER and not self.accepts_readings:
             raise ConfigError(
                 f"text_backbone.name: {LLM_READER} (the LLM reads the report) is LSCH's; {self.name} needs a sentence "
                 "encoder such as all-MiniLM-L6-v2"

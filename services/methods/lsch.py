@@ -137,7 +137,7 @@ class LSCH(HashModel):
     paper = "LLM-driven semantic mining cross-modal hashing (docs/method.md)"
     float_stages = ("align",)  # stages before the hashing heads train (dev scores use float v)
     frozen_prefixes = ("prompted.llm.",)  # the frozen LLM is loaded from its package, never saved
-    reads_text = True
+    accepts_readings = True  # text_backbone.name: llm (PromptedLLM.read)
 
     def __init__(
         self,
