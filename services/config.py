@@ -60,11 +60,15 @@ class ImageBackboneConfig(Section):
     batch_size: int = Field(16, ge=1)
 
 
+LLM_READER = "llm"  # text_backbone.name for "the run's LLM reads the text" (services/backbones/reader.py)
+
+
 class TextBackboneConfig(Section):
-    """Text encoder: the offline all-MiniLM-L6-v2, or any HF encoder by id or path."""
+    """Text encoder: the offline all-MiniLM-L6-v2, any HF encoder by id or path, or ``llm``: the run's LLM
+    reads the text (LSCH; its keys and values are the features)."""
 
     name: str = "all-MiniLM-L6-v2"  # "all-MiniLM-L6-v2" resolves to the offline package
-    max_length: int = Field(128, ge=8, le=8192)
+    max_length: int = Field(128, ge=8, le=8192)  # tokens read per text (with ``llm``, BOS included)
     batch_size: int = Field(32, ge=1)
 
 

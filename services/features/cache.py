@@ -23,6 +23,7 @@ from medhash.services.config import cache_root
 from medhash.services.data.images import load_image
 from medhash.services.data.item import Dataset, Item
 from medhash.services.backbones.image import ImageBackbone
+from medhash.services.backbones.reader import LLMReader
 from medhash.services.backbones.text import TextBackbone
 from medhash.services.errors import DataError
 
@@ -40,7 +41,7 @@ class FeatureCache:
         (self.dir / "key.txt").write_text(key + "\n", encoding="utf-8")
 
     @classmethod
-    def for_encoder(cls, dataset_name: str, encoder: ImageBackbone | TextBackbone, view: str) -> "FeatureCache":
+    def for_encoder(cls, dataset_name: str, encoder: ImageBackbone | TextBackbone | LLMReader, view: str) -> "FeatureCache":
         """The cache of ``encoder`` features of one view ("image", "report", an augmented text view)."""
         return cls(dataset_name, f"{view}|{encoder.preprocessing_key}")
 
@@ -118,7 +119,7 @@ def _encode_images(items: list[Item], encoder: ImageBackbone) -> tuple[list[str]
 
 
 def extract_text_features(
-    ids: list[str], texts: list[str], encoder: TextBackbone, cache: FeatureCache, progress: bool = True
+    ids: list[str], texts: list[str], encoder: TextBackbone | LLMReader, cache: FeatureCache, progress: bool = True
 ) -> tuple[list[str], np.ndarray]:
     """Text embeddings of ``texts`` (one per id), served from ``cache``.
 
@@ -140,7 +141,7 @@ def extract_text_features(
         for start in range(0, len(pending), batch):
             chunk = pending[start : start + batch]
             keys = [row_keys[item_id] for item_id, _ in chunk]
-            features = encoder.encode([text for _, text in chunk]).numpy()
+            features = encoder.encode([text for _, text in chunk]).cpu().numpy()
             cache.write(keys, features)
             cached.update(zip(keys, features))
             bar.update(len(chunk))

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         ids, features = extract_image_features(dataset, encoder, cache, cfg.image_backbone.batch_size)
         _report("image", cache, ids, features, len(cache.load()) - before, time.perf_counter() - start)
     if args.modality in ("text", "both"):
-        encoder = build_text_backbone(cfg.text_backbone)
+        encoder = build_text_backbone(cfg.text_backbone, cfg.llm)
         cache = FeatureCache.for_encoder(dataset.name, encoder, "report")
         before, start = len(cache.load()), time.perf_counter()
         ids, features = extract_text_features(

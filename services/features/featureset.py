@@ -70,7 +70,7 @@ def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progres
         dataset, image_encoder, FeatureCache.for_encoder(dataset.name, image_encoder, "image"),
         batch_size=cfg.image_backbone.batch_size, progress=progress,
     )
-    text_encoder = build_text_backbone(cfg.text_backbone)
+    text_encoder = build_text_backbone(cfg.text_backbone, cfg.llm)
     items = {item.id: item for item in dataset.items}
     text_ids, text = extract_text_features(
         image_ids, [items[i].report for i in image_ids], text_encoder,

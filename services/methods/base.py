@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from medhash.services.config import MedhashConfig, Section, check_code_length
-from medhash.services.errors import WeightsError
+from medhash.services.config import LLM_READER, MedhashConfig, Section, check_code_length
+from medhash.services.errors import ConfigError, WeightsError
 
 FIT = "fit"  # the stage of closed-form methods
 
@@ -48,9 +48,15 @@ class HashModel(nn.Module):
     paper: str = ""  # the publication this method re-implements
     float_stages: tuple[str, ...] = ()  # stages before the codes train (dev scores then use the float embeddings)
     frozen_prefixes: tuple[str, ...] = ()  # state-dict prefixes of frozen pretrained weights, never saved
+    accepts_readings: bool = False  # takes the LLM's readings of the texts (text_backbone.name: llm) as text features
 
     def __init__(self, cfg: MedhashConfig, image_dim: int, text_dim: int, n_labels: int = 0) -> None:
         super().__init__()
+        if cfg.text_backbone.name == LLM_READER and not self.accepts_readings:
+            raise ConfigError(
+                f"text_backbone.name: {LLM_READER} (the LLM reads the report) is LSCH's; {self.name} needs a sentence "
+                "encoder such as all-MiniLM-L6-v2"
+            )
         self.cfg = cfg
         self.bits = cfg.codes.bits
         self.params = self.params_of(cfg)
@@ -75,6 +81,10 @@ class HashModel(nn.Module):
     def embed_text(self, t: Tensor) -> Tensor:
         """Float embedding [B, d] of text features."""
         raise NotImplementedError
+
+    def frozen_llm(self):
+        """(model, tokenizer) of the frozen LLM the method embeds through, for a text encoder to share; None here."""
+        return None
 
     def hash_probs(self, v: Tensor, bits: int) -> Tensor:
         """p(bit = 1) [B, bits] of embeddings ``v``; the code is ``hash_probs > 0.5``."""

@@ -9,7 +9,9 @@ Our reading of the method:
   reshape, learned token-position
   embeddings, then a LayerNorm scaled to the RMS of the LLM's own input embeddings, so X looks
   like a short "sentence" to the LLM. Ablation off: one plain linear map Z -> one token;
-- **LLM encoding layer** (text): text features -> Y, ``m_txt_tokens`` tokens, the same structure;
+- **LLM encoding layer** (text): text features -> Y, ``m_txt_tokens`` tokens, the same structure; or, with
+  ``text_backbone.name: llm``, no encoding layer: the LLM reads the report's own tokens (cached once per text,
+  :mod:`~medhash.services.backbones.reader`) and the prompts follow it (:meth:`PromptedLLM.read`);
 - **prompt-tuned LLM alignment** (stage 3, :class:`~medhash.services.methods.prompted_llm.PromptedLLM`): the frozen
   LLM reads [BOS, soft prompt, hard prompt, x or y tokens]; v^x / v^y = its pooled last hidden
   state. Ablation "LLM off": v = a linear map of the mean of the x / y tokens;
@@ -66,7 +68,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medhash.services.backbones.llm import load_causal_lm
-from medhash.services.config import MedhashConfig, Section, check_code_length
+from medhash.services.config import LLM_READER, MedhashConfig, Section, check_code_length
 from medhash.services.errors import ConfigError
 from medhash.services.methods.base import Batch, HashModel
 from medhash.services.methods.gbrbm import GBRBM
@@ -135,6 +137,7 @@ class LSCH(HashModel):
     paper = "LLM-driven semantic mining cross-modal hashing (docs/method.md)"
     float_stages = ("align",)  # stages before the hashing heads train (dev scores use float v)
     frozen_prefixes = ("prompted.llm.",)  # the frozen LLM is loaded from its package, never saved
+    accepts_readings = True  # text_backbone.name: llm (PromptedLLM.read)
 
     def __init__(
         self,
@@ -152,6 +155,12 @@ class LSCH(HashModel):
         super().__init__(cfg, image_dim, text_dim, n_labels)
         p = self.params
         self.prompted: PromptedLLM | None = None
+        self.llm_reads_text = cfg.text_backbone.name == LLM_READER
+        if self.llm_reads_text and (not p.use_llm or p.lora_rank):
+            raise ConfigError(
+                f"text_backbone.name: {LLM_READER} needs method_params.lsch.use_llm: true and lora_rank: 0 "
+                "(the report is read once by the frozen LLM)"
+            )
         if p.use_llm:
             if llm is None:
                 llm, tokenizer = load_causal_lm(cfg.llm)
@@ -177,7 +186,8 @@ class LSCH(HashModel):
             if p.use_structured_encoding
             else LinearToken(image_dim, dim)
         )
-        self.text_tokens = TokenProjection(text_dim, p.m_txt_tokens, dim, token_scale, p.encoder_hidden)
+        if not self.llm_reads_text:
+            self.text_tokens = TokenProjection(text_dim, p.m_txt_tokens, dim, token_scale, p.encoder_hidden)
         self.visible_norm = nn.LayerNorm(dim)
         self.heads = nn.ModuleDict(
             {str(b): GBRBM(dim, b) if p.use_gbrbm else nn.Linear(dim, b) for b in self.bits}
@@ -205,8 +215,14 @@ class LSCH(HashModel):
         return self._pool(self.image_tokens(z), "image")
 
     def embed_text(self, t: torch.Tensor) -> torch.Tensor:
-        """v^y [B, d] from text features t [B, text_dim]."""
+        """v^y [B, d] from text features t [B, text_dim] (with the LLM reading: the texts' readings)."""
+        if self.llm_reads_text:
+            return self.prompted.read(t)
         return self._pool(self.text_tokens(t), "text")
+
+    def frozen_llm(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+        """The frozen LLM and its tokenizer (None with the LLM ablated)."""
+        return (self.prompted.llm, self.prompted.tokenizer) if self.prompted is not None else None
 
     def _head(self, bits: int) -> nn.Module:
         return self.heads[str(check_code_length(bits, self.bits))]

@@ -16,6 +16,11 @@ The LLM weights are frozen (``requires_grad`` False) and the LLM stays in eval m
 only the soft prompt (and optional LoRA adapters, peft, off by default) train. Every sequence of a
 batch has the same length, so no padding or attention mask is needed.
 
+With ``text_backbone.name: llm`` the report side is read the other way round (:meth:`PromptedLLM.read`):
+``[BOS] + report tokens + soft prompt + hard prompt("text")``, the frozen LLM having read the report once
+(:mod:`~medhash.services.backbones.reader`, its keys and values cached per text); only the prompt runs per
+step, and v^y is pooled over the prompt positions, the only ones that have seen the report.
+
 The prefix (BOS + prompts) is the same for every item, and under causal attention it never sees
 the content: it runs once per call, its keys and values (KV cache, still differentiable, so the
 soft prompt gets its gradient) are repeated over the batch, and only the m content tokens run per
@@ -33,7 +38,10 @@ from typing import Literal
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from medhash.services.backbones.reader import ReadingLayout
+from medhash.services.errors import ConfigError
 
 Pooling = Literal["mean", "last"]
 
@@ -59,7 +67,7 @@ class PromptedLLM(nn.Module):
             inject_adapter_in_model(
                 LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=["q_proj", "v_proj"]), llm
             )
-        self.llm = llm.eval()
+        self.llm, self.tokenizer = llm.eval(), tokenizer
         self.pooling = pooling
         table = llm.get_input_embeddings()
         weight = table.weight.detach()
@@ -97,6 +105,31 @@ class PromptedLLM(nn.Module):
             raise ValueError(f"unknown modality {modality!r}; expected one of {self.modalities}")
         parts = [self.bos] + ([self.soft_prompt] if self.soft_prompt is not None else [])
         return torch.cat(parts + [getattr(self, f"hard_{modality}")], dim=0)
+
+    def read(self, readings: torch.Tensor) -> torch.Tensor:
+        """Texts the frozen LLM has read (:class:`~medhash.services.backbones.reader.LLMReader` rows [B, width])
+        -> v [B, d]: soft and hard prompt ("text") run after each text, attending to its cached keys and values."""
+        layout = ReadingLayout.from_width(self.llm.config, readings.shape[1])
+        prompt = self.prefix("text")[len(self.bos):].to(readings.dtype)  # BOS is the text's first token
+        if not len(prompt):
+            raise ConfigError("an LLM reading the report needs a soft or a hard prompt to read it with")
+        window = getattr(self.llm.config, "sliding_window", None)
+        if window and layout.tokens + len(prompt) > window:
+            raise ConfigError(f"text_backbone.max_length {layout.tokens} + {len(prompt)} prompt tokens exceed the "
+                              f"LLM's attention window of {window}")
+        mask, keys, values = layout.unpack(readings)
+        cache = DynamicCache(config=self.llm.config)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k, v, layer)
+        batch, steps = len(readings), torch.arange(len(prompt), device=readings.device)
+        hidden = self.llm.base_model(
+            inputs_embeds=prompt.expand(batch, -1, -1),
+            attention_mask=torch.cat([mask, mask.new_ones(batch, len(prompt))], dim=1).long(),
+            position_ids=mask.sum(dim=1).long()[:, None] + steps,  # each prompt follows its own text
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return hidden.mean(dim=1) if self.pooling == "mean" else hidden[:, -1]
 
     def forward(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
         """Content tokens [B, m, d] in the LLM's input-embedding space -> pooled v [B, d]."""
