@@ -110,12 +110,11 @@ class LLMReader(nn.Module):
 
     def _read(self, texts: list[str]) -> Tensor:
         ids, mask = self.tokenize(texts)
-        device = self.llm.device
-        cache = self.llm.base_model(input_ids=ids.to(device), attention_mask=mask.long().to(device),
-                                    use_cache=True).past_key_values
-        keys = [layer.keys * mask[:, None, :, None].to(device) for layer in cache.layers]  # padding reads as 0
-        values = [layer.values * mask[:, None, :, None].to(device) for layer in cache.layers]
-        return self.layout.pack(mask.to(device), keys, values).float()
+        mask = mask.to(self.llm.device)
+        cache = self.llm.base_model(input_ids=ids.to(mask.device), attention_mask=mask.long(), use_cache=True).past_key_values
+        real = mask[:, None, :, None]  # padding reads as 0
+        keys, values = [layer.keys * real for layer in cache.layers], [layer.values * real for layer in cache.layers]
+        return self.layout.pack(mask, keys, values).float()
 
     def train(self, mode: bool = True) -> LLMReader:
         super().train(mode)
