@@ -12,7 +12,10 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``classification``: the label-classification constraint on the codes (gamma) with alpha;
 - ``loss``: the dev-selected defaults (pairwise label term, MLP encoding layers, plain InfoNCE, no CD
   pre-training, no text views) against the previous ones and with CD pre-training back;
-  run the last three with ``--on dev`` (dev queries against train) to choose a setting without the queries.
+  run the last three with ``--on dev`` (dev queries against train) to choose a setting without the queries;
+- ``label-weight``: the weight of the pairwise label term, which trades labels and topic MAP against pair recall;
+- ``findings-weight``: the same term on a label-free config (``train.supervision: findings``), where it is
+  supervised by the mined findings.
 
 Finished runs are skipped, so an interrupted study resumes.
 """
@@ -52,6 +55,12 @@ STUDIES = {
         },
         "defaults": {},
         "+ CD pre-training (2 align + 1 CD epochs)": {"align_epochs": 2, "rbm_epochs": 1},
+    },
+    "label-weight": {  # the label term against the instance (pair) term
+        f"label weight {weight:g}": {"label_weight": weight} for weight in (50.0, 20.0, 10.0, 5.0)
+    },
+    "findings-weight": {  # label-free configs: the mined-findings term against the instance term (0: instance only)
+        f"findings weight {weight:g}": {"label_weight": weight} for weight in (50.0, 5.0, 1.0, 0.0)
     },
 }
 

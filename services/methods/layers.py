@@ -27,6 +27,22 @@ class TokenProjection(nn.Module):
         return self.norm_out(tokens + self.position) * self.token_scale
 
 
+class ResidualMLP(nn.Module):
+    """v [B, d] -> v + MLP(LayerNorm(v)) with a two-layer MLP ``hidden`` wide (0: one linear map); the output
+    layer starts at zero, so the block starts as the identity."""
+
+    def __init__(self, dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        out = nn.Linear(hidden or dim, dim)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), out) if hidden else out
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return v + self.mlp(self.norm(v))
+
+
 class LinearToken(nn.Module):
     """The "structured encoding off" ablation: one plain linear map to a single token [B, 1, d]."""
 

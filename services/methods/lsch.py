@@ -11,7 +11,9 @@ Our reading of the method:
   like a short "sentence" to the LLM. Ablation off: one plain linear map Z -> one token;
 - **LLM encoding layer** (text): text features -> Y, ``m_txt_tokens`` tokens, the same structure; or, with
   ``text_backbone.name: llm``, no encoding layer: the LLM reads the report's own tokens (cached once per text,
-  :mod:`~medhash.services.backbones.reader`) and the prompts follow it (:meth:`PromptedLLM.read`);
+  :mod:`~medhash.services.backbones.reader`) and the prompts follow it (:meth:`PromptedLLM.read`); the text
+  side's trainable layer then comes after the LLM, a residual MLP (``encoder_hidden`` wide) on v^y that starts
+  as the identity, since the soft prompt alone is a few vectors against the image side's MLP;
 - **prompt-tuned LLM alignment** (stage 3, :class:`~medhash.services.methods.prompted_llm.PromptedLLM`): the frozen
   LLM reads [BOS, soft prompt, hard prompt, x or y tokens]; v^x / v^y = its pooled last hidden
   state. Ablation "LLM off": v = a linear map of the mean of the x / y tokens;
@@ -72,7 +74,7 @@ from medhash.services.config import LLM_READER, MedhashConfig, Section, check_co
 from medhash.services.errors import ConfigError
 from medhash.services.methods.base import Batch, HashModel
 from medhash.services.methods.gbrbm import GBRBM
-from medhash.services.methods.layers import LinearToken, TokenProjection
+from medhash.services.methods.layers import LinearToken, ResidualMLP, TokenProjection
 from medhash.services.methods.losses import (
     balance_loss,
     classification_loss,
@@ -186,7 +188,9 @@ class LSCH(HashModel):
             if p.use_structured_encoding
             else LinearToken(image_dim, dim)
         )
-        if not self.llm_reads_text:
+        if self.llm_reads_text:
+            self.reading_head = ResidualMLP(dim, p.encoder_hidden)
+        else:
             self.text_tokens = TokenProjection(text_dim, p.m_txt_tokens, dim, token_scale, p.encoder_hidden)
         self.visible_norm = nn.LayerNorm(dim)
         self.heads = nn.ModuleDict(
@@ -217,7 +221,7 @@ class LSCH(HashModel):
     def embed_text(self, t: torch.Tensor) -> torch.Tensor:
         """v^y [B, d] from text features t [B, text_dim] (with the LLM reading: the texts' readings)."""
         if self.llm_reads_text:
-            return self.prompted.read(t)
+            return self.reading_head(self.prompted.read(t))
         return self._pool(self.text_tokens(t), "text")
 
     def frozen_llm(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
