@@ -27,20 +27,21 @@ class TokenProjection(nn.Module):
         return self.norm_out(tokens + self.position) * self.token_scale
 
 
-class ResidualMLP(nn.Module):
-    """v [B, d] -> v + MLP(LayerNorm(v)) with a two-layer MLP ``hidden`` wide (0: one linear map); the output
-    layer starts at zero, so the block starts as the identity."""
+class StandardizedMLP(nn.Module):
+    """v [B, d] -> MLP(BatchNorm(v)), the MLP two-layer and ``hidden`` wide (0: one linear map).
+
+    The batch norm standardises each coordinate over the items (its running statistics at inference), which
+    removes what every input shares and leaves what tells them apart: for an LLM's reading of a report pooled
+    over the prompt after it, the prompt's own large, constant contribution.
+    """
 
     def __init__(self, dim: int, hidden: int = 0) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        out = nn.Linear(hidden or dim, dim)
-        nn.init.zeros_(out.weight)
-        nn.init.zeros_(out.bias)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), out) if hidden else out
+        self.norm = nn.BatchNorm1d(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)) if hidden else nn.Linear(dim, dim)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return v + self.mlp(self.norm(v))
+        return self.mlp(self.norm(v))
 
 
 class LinearToken(nn.Module):

@@ -12,8 +12,9 @@ Our reading of the method:
 - **LLM encoding layer** (text): text features -> Y, ``m_txt_tokens`` tokens, the same structure; or, with
   ``text_backbone.name: llm``, no encoding layer: the LLM reads the report's own tokens (cached once per text,
   :mod:`~medhash.services.backbones.reader`) and the prompts follow it (:meth:`PromptedLLM.read`); the text
-  side's trainable layer then comes after the LLM, a residual MLP (``encoder_hidden`` wide) on v^y that starts
-  as the identity, since the soft prompt alone is a few vectors against the image side's MLP;
+  side's trainable layer then comes after the LLM (:class:`~medhash.services.methods.layers.StandardizedMLP`,
+  ``encoder_hidden`` wide): each coordinate of the pooled reading standardised over the items, which removes
+  the prompt's constant share of it, then an MLP, as the image side has its MLP before the LLM;
 - **prompt-tuned LLM alignment** (stage 3, :class:`~medhash.services.methods.prompted_llm.PromptedLLM`): the frozen
   LLM reads [BOS, soft prompt, hard prompt, x or y tokens]; v^x / v^y = its pooled last hidden
   state. Ablation "LLM off": v = a linear map of the mean of the x / y tokens;
@@ -74,7 +75,7 @@ from medhash.services.config import LLM_READER, MedhashConfig, Section, check_co
 from medhash.services.errors import ConfigError
 from medhash.services.methods.base import Batch, HashModel
 from medhash.services.methods.gbrbm import GBRBM
-from medhash.services.methods.layers import LinearToken, ResidualMLP, TokenProjection
+from medhash.services.methods.layers import LinearToken, StandardizedMLP, TokenProjection
 from medhash.services.methods.losses import (
     balance_loss,
     classification_loss,
@@ -189,7 +190,7 @@ class LSCH(HashModel):
             else LinearToken(image_dim, dim)
         )
         if self.llm_reads_text:
-            self.reading_head = ResidualMLP(dim, p.encoder_hidden)
+            self.reading_head = StandardizedMLP(dim, p.encoder_hidden)
         else:
             self.text_tokens = TokenProjection(text_dim, p.m_txt_tokens, dim, token_scale, p.encoder_hidden)
         self.visible_norm = nn.LayerNorm(dim)
