@@ -32,7 +32,9 @@ class StandardizedMLP(nn.Module):
 
     The batch norm standardises each coordinate over the items (its running statistics at inference), which
     removes what every input shares and leaves what tells them apart: for an LLM's reading of a report pooled
-    over the prompt after it, the prompt's own large, constant contribution.
+    over the prompt after it, the prompt's own large, constant contribution. With several training workers each
+    standardises over its own share of the batch (as data-parallel batch norm does without synchronisation), so
+    there the step is close to, not exactly, the one-worker step.
     """
 
     def __init__(self, dim: int, hidden: int = 0) -> None:
