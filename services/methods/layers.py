@@ -5,6 +5,13 @@ import torch
 from torch import nn
 
 
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+    """Linear -> GELU -> Linear, ``hidden`` wide; one linear map when ``hidden`` is 0."""
+    if not hidden:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
 class TokenProjection(nn.Module):
     """Features [B, in] -> m tokens [B, m, d] at the scale ``token_scale`` per coordinate.
 
@@ -15,10 +22,7 @@ class TokenProjection(nn.Module):
         super().__init__()
         self.n_tokens, self.dim, self.token_scale = n_tokens, dim, token_scale
         self.norm_in = nn.LayerNorm(in_dim)
-        self.proj = (
-            nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_tokens * dim))
-            if hidden else nn.Linear(in_dim, n_tokens * dim)
-        )
+        self.proj = mlp(in_dim, hidden, n_tokens * dim)
         self.position = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
         self.norm_out = nn.LayerNorm(dim)
 
@@ -40,7 +44,7 @@ class StandardizedMLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 0) -> None:
         super().__init__()
         self.norm = nn.BatchNorm1d(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)) if hidden else nn.Linear(dim, dim)
+        self.mlp = mlp(dim, hidden, dim)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm(v))

@@ -56,10 +56,11 @@ Per code length K, summed over the model's code lengths:
   labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes.
 
 The defaults, as a set, beat the previous ones on MedPix's dev split over 3 seeds (docs/results.md,
-"Tuning on dev"): the label term at weight 20 (50 scored the same labels MAP and lower pair recall) with plain InfoNCE, no manifold term (alpha 0) and beta
-0.1 (the evaluation notes' floor recipe; the paper's small-set I2T pair is alpha 0.5, beta 0.8), MLP
-encoding layers, and no CD pre-training (stage B lowered topic MAP and tripled the T2I seed spread). Our terms are not the paper's
-(unpublished) ones, so they are our reading, not a reproduction.
+"Tuning on dev"): the label term at weight 20 (50 scored about the same labels MAP and lower pair
+recall) with plain InfoNCE, no manifold term (alpha 0) and beta 0.1 (the evaluation notes' floor recipe;
+the paper's small-set I2T pair is alpha 0.5, beta 0.8), MLP encoding layers, and no CD pre-training (stage B
+lowered topic MAP and tripled the T2I seed spread). Our terms are not the paper's (unpublished) ones, so they
+are our reading, not a reproduction.
 """
 from __future__ import annotations
 
