@@ -15,7 +15,14 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   run the last three with ``--on dev`` (dev queries against train) to choose a setting without the queries;
 - ``label-weight``: the weight of the pairwise label term, which trades labels and topic MAP against pair recall;
 - ``findings-weight``: the same term on a label-free config (``train.supervision: findings``), where it is
-  supervised by the mined findings.
+  supervised by the mined findings;
+- ``findings-categories``: the findings term on the anatomy and diagnosis terms only (the "finding" terms,
+  such as mass or enhancement, barely track the dataset's labels);
+- ``instance-temperature``: the InfoNCE temperature, which sets how hard the instance term pushes every
+  other item away (a label-free run has nothing else to keep same-region items together);
+- ``label-free``: the temperature and the findings categories that paid on dev, together;
+- ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
+  cosine), which needs no labels, against the instance term alone (0).
 
 Finished runs are skipped, so an interrupted study resumes.
 """
@@ -61,6 +68,28 @@ STUDIES = {
     },
     "findings-weight": {  # label-free configs: the mined-findings term against the instance term (0: instance only)
         f"findings weight {weight:g}": {"label_weight": weight} for weight in (50.0, 5.0, 1.0, 0.0)
+    },
+    "findings-categories": {  # label-free configs: which mined categories the findings term trains on
+        f"{' + '.join(categories)}, weight {weight:g}{', graded' if graded else ''}": {
+            "train.findings_categories": categories, "label_weight": weight,
+            **({"label_target": "graded"} if graded else {}),
+        }
+        for categories, weight, graded in (
+            (("anatomy", "diagnosis"), 5.0, False), (("anatomy", "diagnosis"), 20.0, False),
+            (("anatomy",), 5.0, False), (("anatomy",), 20.0, False), (("anatomy", "diagnosis"), 5.0, True),
+        )
+    },
+    "instance-temperature": {  # label-free configs: the InfoNCE temperature (UCCH contrasts at 0.9)
+        f"tau {tau:g}": {"tau": tau} for tau in (0.1, 0.3, 0.5, 1.0)
+    },
+    "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
+        f"tau {tau:g}, anatomy findings weight {weight:g}": {
+            "tau": tau, "train.findings_categories": ("anatomy",), "label_weight": weight,
+        }
+        for tau, weight in ((1.0, 20.0), (1.0, 5.0), (0.5, 20.0))
+    },
+    "similarity-weight": {  # the label-free term: codes keep the frozen features' joint cosine (0: off)
+        f"similarity weight {weight:g}": {"similarity_weight": weight} for weight in (0.0, 1.0, 5.0, 20.0)
     },
 }
 

@@ -220,13 +220,15 @@ def explain(miner: FindingMiner, hit_texts: Sequence[str], query_text: str | Non
     return Explanation(ordered(findings, miner.category), source, note, shared)
 
 
-def findings_labels(miner: FindingMiner, reports: Sequence[str], fit: np.ndarray,
+def findings_labels(miner: FindingMiner, reports: Sequence[str], fit: np.ndarray, categories: Iterable[str],
                     min_reports: int = 2) -> tuple[np.ndarray, tuple[str, ...]]:
     """Mined findings as a label matrix (uint8 [N, T], names "<category>:<term>") for label-free training:
-    the terms stated as present in at least ``min_reports`` of the reports at rows ``fit`` (the training split)."""
+    the terms of ``categories`` stated as present in at least ``min_reports`` of the reports at rows ``fit``
+    (the training split)."""
     mined, reasons = miner.mine_all(reports)
     log.info("mined findings of %d reports; none from %s", len(reports), dict(reasons) or "none")
-    mined = [report.positive for report in mined]
+    kept = set(categories)
+    mined = [{term for term in report.positive if miner.category[term] in kept} for report in mined]
     counts = Counter(term for row in fit for term in mined[row])
     terms = ordered((t for t, n in counts.items() if n >= min_reports), miner.category)
     column = {term: j for j, term in enumerate(terms)}

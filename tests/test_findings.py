@@ -106,6 +106,9 @@ def test_a_lexicon_with_an_unknown_section_is_refused(tmp_path):
 def test_mined_findings_become_labels_from_the_training_rows_only(miner):
     reports = ["Right pleural effusion.", "Left pleural effusion and a lung mass.", "Lung mass.", "No effusion.",
                "Pneumothorax.", "Pneumothorax and pleural effusion."]
-    matrix, names = findings_labels(miner, reports, fit=np.arange(4))  # rows 4-5 are dev / query
+    everything = ("anatomy", "finding", "diagnosis")
+    matrix, names = findings_labels(miner, reports, fit=np.arange(4), categories=everything)  # rows 4-5: dev, query
     assert names == ("finding:mass", "finding:pleural effusion", "anatomy:lung")  # stated by >= 2 training reports
     assert matrix.tolist() == [[0, 1, 0], [1, 1, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0], [0, 1, 0]]
+    matrix, names = findings_labels(miner, reports, fit=np.arange(4), categories=("anatomy",))
+    assert names == ("anatomy:lung",) and matrix[:, 0].tolist() == [0, 1, 1, 0, 0, 0]

@@ -16,10 +16,12 @@ from medhash.services.methods.lsch import LSCH, alignment_loss, lsch_loss
 from medhash.services.methods.losses import (
     contrastive_loss,
     false_negative_mask,
+    feature_similarity,
     hard_negative_weights,
     label_similarity,
     manifold_similarity,
     pairwise_label_loss,
+    similarity_preserving_loss,
 )
 from medhash.services.evaluation.metrics import hamming_metrics, label_relevance
 
@@ -288,6 +290,35 @@ def test_label_term_enters_both_stages_only_when_switched_on():
     without = build(use_llm=False, label_weight=0.0)
     assert "label" not in lsch_loss(without, z, t, labels, without.params)[1]
     assert "label_v" not in alignment_loss(without, z, t, labels, without.params)[1]
+
+
+def test_feature_similarity_is_the_centred_joint_cosine_and_the_term_pulls_codes_onto_it():
+    g = torch.Generator().manual_seed(5)
+    feats = torch.rand(6, 10, generator=g) + 1.0  # all positive, as ReLU features: raw cosines all high
+    s = feature_similarity(feats, scale=1.0)
+    centred = F.normalize(feats - feats.mean(dim=0), dim=1)
+    assert torch.allclose(s, centred @ centred.T) and (s < 0).any()
+    assert feature_similarity(feats, scale=100.0).abs().max() <= 1.0  # scaled, then clipped
+    ux, uy = torch.randn(6, 16, generator=g, requires_grad=True), torch.randn(6, 16, generator=g)
+    before = similarity_preserving_loss(ux, uy, s)
+    cross = F.normalize(ux, dim=1) @ F.normalize(uy, dim=1).T
+    expected = (cross - s).pow(2).mean() + 0.5 * (
+        (F.normalize(ux, dim=1) @ F.normalize(ux, dim=1).T - s).pow(2).mean()
+        + (F.normalize(uy, dim=1) @ F.normalize(uy, dim=1).T - s).pow(2).mean()
+    )
+    assert torch.isclose(before, expected)
+    before.backward()
+    assert similarity_preserving_loss(ux.detach() - 2.0 * ux.grad, uy, s) < before
+
+
+def test_similarity_term_enters_the_joint_loss_only_when_switched_on():
+    z, t, labels = batch()
+    model = build(use_llm=False, label_weight=0.0, similarity_weight=3.0)
+    _, parts = lsch_loss(model, z, t, None, model.params)
+    assert parts["similarity"] > 0
+    assert parts["total"] > parts["contrastive"] + 3.0 * parts["similarity"] - 1e-4
+    without = build(use_llm=False, label_weight=0.0)
+    assert "similarity" not in lsch_loss(without, z, t, None, without.params)[1]
 
 
 def test_manifold_similarity_labels_and_knn():

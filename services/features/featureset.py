@@ -6,6 +6,7 @@ and the features of the LLM-augmented text views, all from the feature cache.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -124,13 +125,14 @@ def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
     return names, views.astype(np.float32)
 
 
-def supervised_by_findings(features: FeatureSet, dataset: Dataset) -> FeatureSet:
-    """``features`` with its labels replaced by the findings mined from each item's report (vocabulary from
-    the train split): what a label-free run trains on (``train.supervision: findings``)."""
+def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: Iterable[str]) -> FeatureSet:
+    """``features`` with its labels replaced by the findings of ``categories`` mined from each item's report
+    (vocabulary from the train split): what a label-free run trains on (``train.supervision: findings``)."""
     from medhash.services.findings import FindingMiner, findings_labels
 
     reports = {item.id: item.report for item in dataset.items}
-    labels, names = findings_labels(FindingMiner(), [reports[i] for i in features.ids], features.rows("train"))
+    labels, names = findings_labels(FindingMiner(), [reports[i] for i in features.ids], features.rows("train"),
+                                    categories)
     log.info("%s: supervised by %d mined findings instead of its %d labels", features.dataset, len(names),
              len(features.label_names))
     return replace(features, labels=labels, label_names=names)

@@ -4,6 +4,8 @@
   and hard-negative re-weighting (:func:`hard_negative_weights`, Robinson et al. 2021);
 - :func:`manifold_similarity` (label cosine blended with a feature kNN graph) and :func:`manifold_loss`;
 - :func:`label_similarity` and :func:`pairwise_label_loss` (every cross-modal pair scored against its labels);
+- :func:`feature_similarity` and :func:`similarity_preserving_loss` (code cosines regress onto the frozen
+  features' joint cosine, which needs no labels);
 - :func:`quantization_loss`, :func:`balance_loss` and :func:`classification_loss`.
 
 How a method combines them is the method's own (e.g. :mod:`medhash.services.methods.lsch`).
@@ -148,6 +150,27 @@ def pairwise_label_loss(
         return a.new_zeros(())
     logits = scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T)
     return F.binary_cross_entropy_with_logits(logits[known], similarity[known])
+
+
+def feature_similarity(pair_feats: torch.Tensor, scale: float) -> torch.Tensor:
+    """S [n, n] in [-1, 1]: ``scale`` times the cosine of the batch-centred pair features, clipped.
+
+    Pair features (:func:`pair_features`) make it the joint image-and-text similarity of DJSRH (Su et al.
+    2019); centring over the batch removes the share every backbone feature has in common (ReLU features
+    are all positive, so their raw cosines are all high).
+    """
+    centred = pair_feats.float() - pair_feats.float().mean(dim=0, keepdim=True)
+    unit = F.normalize(centred, dim=1)
+    return (scale * unit @ unit.T).clamp(-1, 1)
+
+
+def similarity_preserving_loss(ux: torch.Tensor, uy: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+    """MSE of the code cosines against ``similarity``: cross-modal, plus half of each within-modal term."""
+
+    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T - similarity).pow(2).mean()
+
+    return mse(ux, uy) + 0.5 * (mse(ux, ux) + mse(uy, uy))
 
 
 def quantization_loss(u: torch.Tensor) -> torch.Tensor:

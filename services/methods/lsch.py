@@ -32,7 +32,7 @@ Training (our reading of method.md), on relaxed codes u = 2 p(h | v) - 1 (terms 
 Per code length K, summed over the model's code lengths:
 
     L = contrastive(u^x, u^y) + label_weight * label(u^x, u^y) + alpha * manifold(u^x, u^y; S_ma)
-        + beta * (quantisation + balance)
+        + similarity_weight * similarity(u^x, u^y; S_feat) + beta * (quantisation + balance)
 
 - **contrastive** — symmetric InfoNCE over cosine(u^x_i, u^y_j) / tau, the pair (i, i) positive.
   Items that count as false negatives of i (``false_negatives``: any shared label, the identical
@@ -45,6 +45,10 @@ Per code length K, summed over the model's code lengths:
   labels, blended with a cross-modal kNN graph over the frozen features (and the graph alone where
   labels are unknown); code inner products u_i . u_j / K, mapped to [0, 1], regress onto S_ma
   across modalities plus, at half weight each, within each modality.
+- **similarity** (weight ``similarity_weight``; off by default): code cosines, across and within modalities,
+  regress onto the frozen features' joint cosine (batch-centred, times ``similarity_scale``, clipped to
+  [-1, 1]; DJSRH's target). It needs no labels, so it keeps the backbone's neighbourhoods where the
+  instance term alone would overfit the training pairs.
 - **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
 - **label** (weight ``label_weight``, 20 by default): every cross-modal pair (i, j) of the batch
   scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j)), S_ij), with S_ij 1 for
@@ -81,11 +85,13 @@ from medhash.services.methods.losses import (
     balance_loss,
     classification_loss,
     contrastive_loss,
+    feature_similarity,
     manifold_loss,
     manifold_similarity,
     pair_features,
     pairwise_label_loss,
     quantization_loss,
+    similarity_preserving_loss,
 )
 from medhash.services.methods.prompted_llm import PromptedLLM
 
@@ -128,6 +134,8 @@ class LSCHParams(Section):
     label_weight: float = Field(20.0, ge=0)  # dev, 3 seeds: 50 kept labels MAP, cost pair recall (docs/results.md)
     label_scale: float = Field(5.0, gt=0)  # sigmoid(label_scale * cosine) is the pair's predicted relevance
     label_target: Literal["shared", "graded"] = "shared"  # any shared label = 1, or the label-vector cosine
+    similarity_weight: float = Field(0.0, ge=0)  # code cosines onto the frozen features' joint cosine (0: off)
+    similarity_scale: float = Field(1.5, gt=0)  # the feature cosine's scale before clipping (DJSRH's mu)
     knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
     manifold_label_weight: float = Field(0.8, ge=0, le=1)  # share of label cosine in S_ma where labels exist
     gbrbm_cd_k: int = Field(1, ge=1)  # Gibbs steps of CD-k pre-training
@@ -309,6 +317,9 @@ def hashing_loss(
     terms = {"contrastive": 0.0, "manifold": 0.0, "quantization": 0.0, "balance": 0.0}
     if params.label_weight:
         terms["label"] = 0.0
+    if params.similarity_weight:
+        terms["similarity"] = 0.0
+        feature_sim = feature_similarity(pair_feats, params.similarity_scale).to(vx.device)
     if model.classifiers:
         terms["classification"] = 0.0
     known = labels is not None and bool(model.classifiers) and bool((labels.sum(dim=1) > 0).any())
@@ -320,6 +331,8 @@ def hashing_loss(
         terms["manifold"] = terms["manifold"] + manifold_loss(ux, uy, similarity)
         terms["quantization"] = terms["quantization"] + 0.5 * (quantization_loss(ux) + quantization_loss(uy))
         terms["balance"] = terms["balance"] + 0.5 * (balance_loss(ux) + balance_loss(uy))
+        if params.similarity_weight:
+            terms["similarity"] = terms["similarity"] + similarity_preserving_loss(ux, uy, feature_sim)
         if params.label_weight:
             terms["label"] = terms["label"] + pairwise_label_loss(ux, uy, labels, params.label_scale, params.label_target)
         if known:
@@ -332,6 +345,7 @@ def hashing_loss(
         + params.beta * (terms["quantization"] + terms["balance"])
         + params.classification_weight * terms.get("classification", 0.0)
         + params.label_weight * terms.get("label", 0.0)
+        + params.similarity_weight * terms.get("similarity", 0.0)
     )
     parts = {name: float(torch.as_tensor(value).detach()) for name, value in terms.items()}
     parts["total"] = float(total.detach())
