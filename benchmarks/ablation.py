@@ -20,6 +20,7 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   such as mass or enhancement, barely track the dataset's labels);
 - ``instance-temperature``: the InfoNCE temperature, which sets how hard the instance term pushes every
   other item away (a label-free run has nothing else to keep same-region items together);
+  ``supervised-temperature`` the same beside the label term;
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
@@ -81,6 +82,9 @@ STUDIES = {
     },
     "instance-temperature": {  # label-free configs: the InfoNCE temperature (UCCH contrasts at 0.9)
         f"tau {tau:g}": {"tau": tau} for tau in (0.1, 0.3, 0.5, 1.0)
+    },
+    "supervised-temperature": {  # the same on supervised configs, where the label term keeps the regions together
+        f"tau {tau:g}": {"tau": tau} for tau in (0.1, 0.3, 0.5)
     },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {
