@@ -21,6 +21,7 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``instance-temperature``: the InfoNCE temperature, which sets how hard the instance term pushes every
   other item away (a label-free run has nothing else to keep same-region items together);
   ``supervised-temperature`` the same beside the label term;
+- ``label-free-encoder``: at tau 1, tau 2 and linear encoding layers (CCA-ITQ, linear, keeps what MLPs overfit);
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
@@ -83,8 +84,12 @@ STUDIES = {
     "instance-temperature": {  # label-free configs: the InfoNCE temperature (UCCH contrasts at 0.9)
         f"tau {tau:g}": {"tau": tau} for tau in (0.1, 0.3, 0.5, 1.0)
     },
+    "label-free-encoder": {  # label-free configs at tau 1: a softer instance term still, or linear encoding layers
+        "tau 2": {"tau": 2.0},
+        "tau 1, linear encoding layers": {"tau": 1.0, "encoder_hidden": 0},
+    },
     "supervised-temperature": {  # the same on supervised configs, where the label term keeps the regions together
-        f"tau {tau:g}": {"tau": tau} for tau in (0.1, 0.3, 0.5)
+        f"tau {tau:g}": {"tau": tau} for tau in (0.1, 0.3, 0.5, 0.05)
     },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {
