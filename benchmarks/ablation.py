@@ -20,8 +20,10 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   such as mass or enhancement, barely track the dataset's labels);
 - ``instance-temperature``: the InfoNCE temperature, which sets how hard the instance term pushes every
   other item away (a label-free run has nothing else to keep same-region items together);
-  ``supervised-temperature`` the same beside the label term;
+  ``supervised-temperature`` the same beside the label term; ``supervised-batch``: batches of 256 with labels;
 - ``label-free-encoder``: at tau 1, tau 2 and linear encoding layers (CCA-ITQ, linear, keeps what MLPs overfit);
+- ``label-free-selection``: at tau 1 with no findings term, the epoch chosen on the anatomy findings only, and
+  batches of 256 (more negatives for the instance term);
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
@@ -88,8 +90,15 @@ STUDIES = {
         "tau 2": {"tau": 2.0},
         "tau 1, linear encoding layers": {"tau": 1.0, "encoder_hidden": 0},
     },
+    "label-free-selection": {  # label-free configs at tau 1: the epoch chosen by dev MAP over the anatomy findings only
+        "tau 1, epoch by anatomy findings": {"tau": 1.0, "train.findings_categories": ("anatomy",)},
+        "tau 1, batches of 256": {"tau": 1.0, "train.batch_size": 256},
+    },
     "supervised-temperature": {  # the same on supervised configs, where the label term keeps the regions together
         f"tau {tau:g}": {"tau": tau} for tau in (0.1, 0.3, 0.5, 0.05)
+    },
+    "supervised-batch": {  # supervised configs: more negatives for the instance term (pair recall) per step
+        "batches of 256": {"train.batch_size": 256},
     },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {
