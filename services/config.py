@@ -98,7 +98,8 @@ class TrainConfig(Section):
     # "findings": supervise with the findings mined from the reports (services/findings.py) instead of the
     # dataset's labels, which training then never reads (label-free; `medhash eval` still scores with them)
     supervision: Literal["labels", "findings"] = "labels"
-    # the mined categories a label-free run trains on (docs/results.md, "The mined findings' categories")
+    # the mined categories a label-free run trains on and chooses its epoch by (docs/results.md, "Label-free LSCH:
+    # a soft instance term": anatomy terms track MedPix's labels, "finding" terms such as mass do not)
     findings_categories: tuple[Literal["anatomy", "finding", "diagnosis"], ...] = Field(
         ("anatomy", "finding", "diagnosis"), min_length=1
     )
