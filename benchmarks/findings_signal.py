@@ -16,7 +16,7 @@ import numpy as np
 from medhash.services.config import load_config
 from medhash.services.data import open_dataset
 from medhash.services.features.featureset import build_featureset
-from medhash.services.findings import FindingMiner, findings_labels
+from medhash.services.findings import FindingMiner, findings_matrix
 from medhash.training.trainer import with_resolved_data
 
 CATEGORIES = (("anatomy",), ("finding",), ("diagnosis",), ("anatomy", "finding", "diagnosis"))
@@ -37,8 +37,9 @@ def findings_signal(config: Path) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     miner = FindingMiner()
+    mined, _ = miner.mine_all(texts)
     for categories in CATEGORIES:
-        found, names = findings_labels(miner, texts, train, categories)
+        found, names = findings_matrix(miner, mined, train, categories)
         found = found[train].astype(float)
         has = found.sum(axis=1) > 0
         pairs = others & has[:, None] & has[None, :]

@@ -227,12 +227,19 @@ def findings_labels(miner: FindingMiner, reports: Sequence[str], fit: np.ndarray
     (the training split)."""
     mined, reasons = miner.mine_all(reports)
     log.info("mined findings of %d reports; none from %s", len(reports), dict(reasons) or "none")
+    return findings_matrix(miner, mined, fit, categories, min_reports)
+
+
+def findings_matrix(miner: FindingMiner, mined: Sequence[MinedText], fit: np.ndarray, categories: Iterable[str],
+                    min_reports: int = 2) -> tuple[np.ndarray, tuple[str, ...]]:
+    """:func:`findings_labels` of reports mined already (``miner.mine_all``), so one mining serves several
+    choices of ``categories``."""
     kept = set(categories)
-    mined = [{term for term in report.positive if miner.category[term] in kept} for report in mined]
-    counts = Counter(term for row in fit for term in mined[row])
+    present = [{term for term in report.positive if miner.category[term] in kept} for report in mined]
+    counts = Counter(term for row in fit for term in present[row])
     terms = ordered((t for t, n in counts.items() if n >= min_reports), miner.category)
     column = {term: j for j, term in enumerate(terms)}
-    matrix = np.zeros((len(reports), len(terms)), dtype=np.uint8)
-    for row, found in enumerate(mined):
+    matrix = np.zeros((len(present), len(terms)), dtype=np.uint8)
+    for row, found in enumerate(present):
         matrix[row, [column[t] for t in found if t in column]] = 1
     return matrix, tuple(f"{miner.category[t]}:{t}" for t in terms)

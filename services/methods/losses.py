@@ -108,14 +108,19 @@ def pair_features(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.normalize(z.float(), dim=1), F.normalize(t.float(), dim=1)], dim=1)
 
 
+def _regression_loss(score, ux: torch.Tensor, uy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE of ``score(a, b)`` [n, n] against ``target``: cross-modal, plus half of each within-modal term."""
+
+    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (score(a, b) - target).pow(2).mean()
+
+    return mse(ux, uy) + 0.5 * (mse(ux, ux) + mse(uy, uy))
+
+
 def manifold_loss(ux: torch.Tensor, uy: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
     """MSE of (1 + u_i . u_j / K) / 2 against S_ma: cross-modal, plus half of each within-modal term."""
     bits = ux.shape[1]
-
-    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return ((1 + a @ b.T / bits) / 2 - similarity).pow(2).mean()
-
-    return mse(ux, uy) + 0.5 * (mse(ux, ux) + mse(uy, uy))
+    return _regression_loss(lambda a, b: (1 + a @ b.T / bits) / 2, ux, uy, similarity)
 
 
 def label_similarity(labels: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,11 +171,7 @@ def feature_similarity(pair_feats: torch.Tensor, scale: float) -> torch.Tensor:
 
 def similarity_preserving_loss(ux: torch.Tensor, uy: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
     """MSE of the code cosines against ``similarity``: cross-modal, plus half of each within-modal term."""
-
-    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T - similarity).pow(2).mean()
-
-    return mse(ux, uy) + 0.5 * (mse(ux, ux) + mse(uy, uy))
+    return _regression_loss(lambda a, b: F.normalize(a, dim=1) @ F.normalize(b, dim=1).T, ux, uy, similarity)
 
 
 def quantization_loss(u: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,9 @@ Per code length K, summed over the model's code lengths:
 - **similarity** (weight ``similarity_weight``; off by default): code cosines, across and within modalities,
   regress onto the frozen features' joint cosine (batch-centred, times ``similarity_scale``, clipped to
   [-1, 1]; DJSRH's target). It needs no labels and is meant to keep the backbone's neighbourhoods where
-  the instance term alone overfits the training pairs; on MedPix's dev split it lowered labels MAP of the
-  label-free mode at every weight tried (docs/results.md), so it is off.
+  the instance term alone overfits the training pairs. On MedPix's dev split it lowered labels MAP of the
+  label-free mode at every weight tried (at tau 1, weight 1 traded 2-3.5 points of it for 11-12 points of
+  pair recall) and made no difference with labels (docs/results.md), so it is off.
 - **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
 - **label** (weight ``label_weight``, 20 by default): every cross-modal pair (i, j) of the batch
   scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j)), S_ij), with S_ij 1 for
