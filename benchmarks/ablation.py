@@ -100,6 +100,17 @@ STUDIES = {
     "supervised-batch": {  # supervised configs: more negatives for the instance term (pair recall) per step
         "batches of 256": {"train.batch_size": 256},
     },
+    "supervised-pair": {  # supervised configs: keep the label term from collapsing a label's items (pair recall)
+        "defaults": {},
+        "label scale 10": {"label_scale": 10.0},
+        "label scale 20": {"label_scale": 20.0},
+        "weight decay 0.01": {"train.weight_decay": 0.01},
+        "code memory 512": {"memory_size": 512},
+        "code memory 1024": {"memory_size": 1024},
+        "code memory 256": {"memory_size": 256},
+        "tau 0.05, code memory 512": {"tau": 0.05, "memory_size": 512},
+        "similarity weight 10": {"similarity_weight": 10.0},
+    },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {
             "tau": tau, "train.findings_categories": ("anatomy",), "label_weight": weight,

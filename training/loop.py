@@ -74,7 +74,7 @@ def train_loop(config: dict) -> None:
             losses = _run_epoch(model, optimizer, data, rng.permutation(train_rows), stage, cfg, rng, rank, world)
         record = {"epoch": epoch, "stage": stage, **losses}
         if rank == 0:
-            record["dev_map"] = dev_score(model, data, train_rows, dev_rows, stage, cfg)
+            record.update(dev_scores(model, data, train_rows, dev_rows, stage, cfg))
             if stage == stages[-1] and record["dev_map"] > state.best_score:
                 state.best_score, state.best_epoch = record["dev_map"], epoch
                 state.best_model = {k: v.clone() for k, v in model.state_dict_trainable().items()}
@@ -120,6 +120,7 @@ def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> d
             labels=torch.from_numpy(data.labels[rows].astype(np.float32)).to(device),
             local=slice(rank * len(shards[0]), (rank + 1) * len(shards[0])),
             gather=lambda local: _gather_rows(local, world),
+            rows=torch.from_numpy(rows),
         )
         loss, parts = model.batch_loss(stage, global_batch, cfg)
         optimizer.zero_grad()
@@ -184,8 +185,10 @@ def _average_gradients(model, world: int) -> None:
             p.grad /= world
 
 
-def dev_score(model, data: FeatureSet, db_rows, query_rows, stage: str, cfg: MedhashConfig) -> float:
-    """Mean I2T / T2I MAP@all (labels protocol) of dev queries against the train items.
+def dev_scores(model, data: FeatureSet, db_rows, query_rows, stage: str, cfg: MedhashConfig) -> dict[str, float]:
+    """``dev_map``: mean I2T / T2I MAP@all (labels protocol) of dev queries against the train items, the
+    selection score; ``dev_pair``: mean I2T / T2I pair Recall@10 within the dev items (@n for n < 10 items),
+    for the record.
 
     Hash codes at the middle code length once heads are trained; float embeddings in the model's
     ``float_stages`` (LSCH's alignment), where the codes are not trained yet.
@@ -200,12 +203,21 @@ def dev_score(model, data: FeatureSet, db_rows, query_rows, stage: str, cfg: Med
     scores = evaluate(
         kind, query, db, data.labels[query_rows], data.labels[db_rows], data.label_names, directions=("i2t", "t2i")
     )
-    return float(np.mean([scores["labels"][d]["map@all"] for d in ("i2t", "t2i")]))
+    return {
+        "dev_map": float(np.mean([scores["labels"][d]["map@all"] for d in ("i2t", "t2i")])),
+        "dev_pair": float(np.mean([_top_recall(scores["pair"][d]) for d in ("i2t", "t2i")])),
+    }
+
+
+def _top_recall(pair: dict[str, float]) -> float:
+    """Recall@k at the largest k the pair protocol reached (10, or fewer on a tiny dev split)."""
+    k = max(int(name.split("@")[1]) for name in pair if name.startswith("recall@"))
+    return pair[f"recall@{k}"]
 
 
 def _progress_line(record: dict, n_epochs: int) -> str:
     losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in record.items() if k.startswith("loss_"))
-    return f"epoch {record['epoch'] + 1}/{n_epochs} [{record['stage']}] {losses} dev_map={record['dev_map']:.3f}"
+    return f"epoch {record['epoch'] + 1}/{n_epochs} [{record['stage']}] {losses} dev_map={record['dev_map']:.3f} dev_pair={record['dev_pair']:.3f}"
 
 
 def _quiet_ray_train() -> None:

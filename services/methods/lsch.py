@@ -84,6 +84,7 @@ from medhash.services.methods.base import Batch, HashModel
 from medhash.services.methods.gbrbm import GBRBM
 from medhash.services.methods.layers import LinearToken, StandardizedMLP, TokenProjection
 from medhash.services.methods.losses import (
+    CodeMemory,
     balance_loss,
     classification_loss,
     contrastive_loss,
@@ -131,6 +132,7 @@ class LSCHParams(Section):
     # which items the contrastive term never pushes apart from item i (besides its own pair):
     # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
     false_negatives: Literal["shared_label", "same_labels", "none"] = "none"
+    memory_size: int = Field(0, ge=0)  # > 0: the instance term also contrasts with the last N items' codes (XBM)
     classification_weight: float = Field(0.0, ge=0)  # gamma: codes linearly predict the labels (0: off)
     # the pairwise label term: every cross-modal pair of the batch scored against its labels (0: off)
     label_weight: float = Field(20.0, ge=0)  # dev, 3 seeds: 50 kept labels MAP, cost pair recall (docs/results.md)
@@ -170,6 +172,7 @@ class LSCH(HashModel):
         p = self.params
         self.prompted: PromptedLLM | None = None
         self.llm_reads_text = cfg.text_backbone.name == LLM_READER
+        self.memory = CodeMemory(p.memory_size) if p.memory_size else None  # training only; never saved
         if self.llm_reads_text and (not p.use_llm or p.lora_rank):
             raise ConfigError(
                 f"text_backbone.name: {LLM_READER} needs method_params.lsch.use_llm: true and lora_rank: 0 "
@@ -285,7 +288,7 @@ class LSCH(HashModel):
         vx, vy = batch.gather(self.embed_image(z)), batch.gather(self.embed_text(t))
         if stage == "align":
             return embedding_alignment_loss(vx, vy, batch.labels, self.params)
-        return hashing_loss(self, vx, vy, pair_features(batch.z, batch.t), batch.labels, self.params)
+        return hashing_loss(self, vx, vy, pair_features(batch.z, batch.t), batch.labels, self.params, batch.rows)
 
 
 def lsch_loss(
@@ -306,12 +309,16 @@ def hashing_loss(
     pair_feats: torch.Tensor,
     labels: torch.Tensor | None,
     params: LSCHParams,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The joint loss summed over the model's code lengths; ``parts`` holds each term's value.
 
     Takes the embeddings v^x, v^y and the frozen pair features rather than the raw batch, so data
-    parallel training can gather them from every worker and score the whole global batch.
+    parallel training can gather them from every worker and score the whole global batch. With a
+    code memory (``memory_size``), ``rows`` are the items' train rows and the batch joins the memory.
     """
+    if model.memory is not None and rows is None:
+        raise ValueError("method_params.lsch.memory_size needs the batch's train rows (Batch.rows)")
     strength = params.hard_negative_strength if params.hard_negative_mining else 0.0
     similarity = manifold_similarity(
         labels, labels, pair_feats, pair_feats, params.knn_k, params.manifold_label_weight
@@ -327,9 +334,12 @@ def hashing_loss(
     known = labels is not None and bool(model.classifiers) and bool((labels.sum(dim=1) > 0).any())
     for bits in model.bits:
         ux, uy = 2 * model.hash_probs(vx, bits) - 1, 2 * model.hash_probs(vy, bits) - 1
+        memory = model.memory.negatives(bits, rows, labels, params.false_negatives) if model.memory is not None else None
         terms["contrastive"] = terms["contrastive"] + contrastive_loss(
-            ux, uy, labels, params.tau, strength, params.false_negatives
+            ux, uy, labels, params.tau, strength, params.false_negatives, memory
         )
+        if model.memory is not None:
+            model.memory.push(bits, ux, uy, rows, labels if labels is not None else ux.new_zeros(len(ux), 0))
         terms["manifold"] = terms["manifold"] + manifold_loss(ux, uy, similarity)
         terms["quantization"] = terms["quantization"] + 0.5 * (quantization_loss(ux) + quantization_loss(uy))
         terms["balance"] = terms["balance"] + 0.5 * (balance_loss(ux) + balance_loss(uy))
