@@ -287,6 +287,14 @@ def test_lsch_code_memory_fills_across_batches_and_needs_the_rows():
         model.batch_loss("joint", Batch(z, t, labels, slice(None), lambda x: x), model.cfg)
 
 
+def test_feature_dropout_acts_in_training_only():
+    model = build(use_llm=False, feature_dropout=0.5)
+    z, t, _ = batch()
+    assert not torch.allclose(model.embed_image(z), model.embed_image(z))
+    model.eval()
+    assert torch.equal(model.embed_image(z), model.embed_image(z)) and torch.equal(model.embed_text(t), model.embed_text(t))
+
+
 def test_label_similarity_shared_and_graded():
     labels = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]]).float()
     shared, known = label_similarity(labels, "shared")

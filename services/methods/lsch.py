@@ -40,7 +40,9 @@ Per code length K, summed over the model's code lengths:
   out. **Hard negative mining** re-weights the remaining negatives by their difficulty
   (Robinson et al. 2021): w_ij = N_i * softmax_j(strength * logit_ij) over i's N_i negatives, so
   the weights average 1 and the most similar negatives count most; strength 0 (ablation off) gives
-  plain InfoNCE with the same false-negative masking.
+  plain InfoNCE with the same false-negative masking. With ``memory_size`` N > 0, each row also contrasts with
+  the codes of the last N training items (:class:`~medhash.services.methods.losses.CodeMemory`, detached;
+  never the item's own), more negatives without a larger batch.
 - **manifold** — S_ma in [0, 1] from labels (cosine of multi-hot vectors) where both items have
   labels, blended with a cross-modal kNN graph over the frozen features (and the graph alone where
   labels are unknown); code inner products u_i . u_j / K, mapped to [0, 1], regress onto S_ma
@@ -124,6 +126,7 @@ class LSCHParams(Section):
     text_prompt: str = "Represent this radiology report for retrieval of matching medical images:"
     lora_rank: int = Field(0, ge=0)  # > 0: LoRA adapters (peft) on the LLM attention projections
     embed_dim: int = Field(640, ge=8)  # width of v when no LLM is loaded (use_llm off)
+    feature_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the frozen features entering the encoding layers
     # losses
     tau: float = Field(0.1, gt=0)  # InfoNCE temperature
     alpha: float = Field(0.0, ge=0)  # manifold-similarity weight (the paper's small-set I2T 0.5; the floor recipe's 0)
@@ -173,6 +176,7 @@ class LSCH(HashModel):
         self.prompted: PromptedLLM | None = None
         self.llm_reads_text = cfg.text_backbone.name == LLM_READER
         self.memory = CodeMemory(p.memory_size) if p.memory_size else None  # training only; never saved
+        self.feature_dropout = nn.Dropout(p.feature_dropout)  # training only (embed() runs in eval mode)
         if self.llm_reads_text and (not p.use_llm or p.lora_rank):
             raise ConfigError(
                 f"text_backbone.name: {LLM_READER} needs method_params.lsch.use_llm: true and lora_rank: 0 "
@@ -231,13 +235,13 @@ class LSCH(HashModel):
 
     def embed_image(self, z: torch.Tensor) -> torch.Tensor:
         """v^x [B, d] from image features z [B, image_dim]."""
-        return self._pool(self.image_tokens(z), "image")
+        return self._pool(self.image_tokens(self.feature_dropout(z)), "image")
 
     def embed_text(self, t: torch.Tensor) -> torch.Tensor:
         """v^y [B, d] from text features t [B, text_dim] (with the LLM reading: the texts' readings)."""
         if self.llm_reads_text:
             return self.reading_head(self.prompted.read(t))
-        return self._pool(self.text_tokens(t), "text")
+        return self._pool(self.text_tokens(self.feature_dropout(t)), "text")
 
     def frozen_llm(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
         """The frozen LLM and its tokenizer (None with the LLM ablated)."""
