@@ -27,10 +27,10 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``supervised-pair``: levers for pair recall beside the label term: its scale (how soon it stops pulling a
   label's items together), weight decay, a code memory of earlier batches' codes as extra negatives
   (``memory_size``), and the similarity-preserving term;
+- ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
-  term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away); and a
-  code memory for the instance term, the one that trains a label-free run;
+  term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
 
@@ -119,17 +119,20 @@ STUDIES = {
         "feature dropout 0.2": {"feature_dropout": 0.2},
         "feature dropout 0.5": {"feature_dropout": 0.5},
     },
+    "supervised-similarity": {  # supervised configs: the similarity term's trade of labels MAP for pair recall
+        "similarity weight 3": {"similarity_weight": 3.0},
+        "similarity weight 10, label weight 50": {"similarity_weight": 10.0, "label_weight": 50.0},
+    },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {
             "tau": tau, "train.findings_categories": ("anatomy",), "label_weight": weight,
         }
         for tau, weight in ((1.0, 20.0), (1.0, 5.0), (0.5, 20.0))
     },
-    "label-free-findings-use": {  # label-free configs: the mined findings in S_ma or as false negatives; a code memory
+    "label-free-findings-use": {  # label-free configs: the mined findings in S_ma or as false negatives
         "the config (tau 1)": {},
         "findings in S_ma, alpha 0.5": {"alpha": 0.5},
-        "shared findings are not negatives": {"false_negatives": "same_labels"},
-        "code memory 512": {"memory_size": 512},
+        "the same findings are not negatives": {"false_negatives": "same_labels"},
     },
     "similarity-weight": {  # the label-free term: codes keep the frozen features' joint cosine (0: off)
         f"similarity weight {weight:g}": {"similarity_weight": weight} for weight in (0.0, 1.0, 5.0, 20.0)
