@@ -52,7 +52,9 @@ Per code length K, summed over the model's code lengths:
   [-1, 1]; DJSRH's target). It needs no labels and is meant to keep the backbone's neighbourhoods where
   the instance term alone overfits the training pairs. On MedPix's dev split it lowered labels MAP of the
   label-free mode at every weight tried (at tau 1, weight 1 traded 2-3.5 points of it for 11-12 points of
-  pair recall) and made no difference with labels (docs/results.md), so it is off.
+  pair recall); with labels, weight 10 beside a label term of weight 50 was dev's choice and on the query split
+  raised pair recall by 3-6 points with labels and topic MAP the same or higher (docs/results.md), so the
+  default MedPix config sets both; the code's default is off (the COVID configs were not re-run with it).
 - **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
 - **label** (weight ``label_weight``, 20 by default): every cross-modal pair (i, j) of the batch
   scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j)), S_ij), with S_ij 1 for
@@ -126,7 +128,8 @@ class LSCHParams(Section):
     text_prompt: str = "Represent this radiology report for retrieval of matching medical images:"
     lora_rank: int = Field(0, ge=0)  # > 0: LoRA adapters (peft) on the LLM attention projections
     embed_dim: int = Field(640, ge=8)  # width of v when no LLM is loaded (use_llm off)
-    feature_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the frozen features entering the encoding layers
+    # dropout on the frozen features entering the encoding layers; MedPix dev, 3 seeds: 0.2 no pair gain (docs/results.md)
+    feature_dropout: float = Field(0.0, ge=0, lt=1)
     # losses
     tau: float = Field(0.1, gt=0)  # InfoNCE temperature
     alpha: float = Field(0.0, ge=0)  # manifold-similarity weight (the paper's small-set I2T 0.5; the floor recipe's 0)
@@ -135,7 +138,9 @@ class LSCHParams(Section):
     # which items the contrastive term never pushes apart from item i (besides its own pair):
     # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
     false_negatives: Literal["shared_label", "same_labels", "none"] = "none"
-    memory_size: int = Field(0, ge=0)  # > 0: the instance term also contrasts with the last N items' codes (XBM)
+    # > 0: the instance term also contrasts with the last N items' codes (XBM); on MedPix dev (3 seeds) 256-1024
+    # cost topic MAP and added no pair recall (docs/results.md)
+    memory_size: int = Field(0, ge=0)
     classification_weight: float = Field(0.0, ge=0)  # gamma: codes linearly predict the labels (0: off)
     # the pairwise label term: every cross-modal pair of the batch scored against its labels (0: off)
     label_weight: float = Field(20.0, ge=0)  # dev, 3 seeds: 50 kept labels MAP, cost pair recall (docs/results.md)
