@@ -120,7 +120,9 @@ STUDIES = {
         "feature dropout 0.5": {"feature_dropout": 0.5},
     },
     "supervised-similarity": {  # supervised configs: the similarity term's trade of labels MAP for pair recall
+        "defaults": {},
         "similarity weight 3": {"similarity_weight": 3.0},
+        "similarity weight 10": {"similarity_weight": 10.0},
         "similarity weight 10, label weight 50": {"similarity_weight": 10.0, "label_weight": 50.0},
     },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings

@@ -366,7 +366,7 @@ def test_similarity_term_enters_the_joint_loss_only_when_switched_on():
     _, parts = lsch_loss(model, z, t, None, model.params)
     assert parts["similarity"] > 0
     assert parts["total"] > parts["contrastive"] + 3.0 * parts["similarity"] - 1e-4
-    without = build(use_llm=False, label_weight=0.0)
+    without = build(use_llm=False, label_weight=0.0, similarity_weight=0.0)
     assert "similarity" not in lsch_loss(without, z, t, None, without.params)[1]
 
 
