@@ -31,8 +31,6 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
   term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
-- ``label-free-clusters``: pseudo-labels from k-means clusters of the frozen image and report features
-  (``train.supervision: clusters``) in the label term, at the supervised defaults and beside the soft instance term;
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
 
@@ -137,14 +135,6 @@ STUDIES = {
         "the config (tau 1)": {},
         "findings in S_ma, alpha 0.5": {"alpha": 0.5},
         "the same findings are not negatives": {"false_negatives": "same_labels"},
-    },
-    "label-free-clusters": {  # label-free configs: k-means clusters of the frozen features as pseudo-labels
-        f"clusters {k}, {name}": {"train.supervision": "clusters", "train.clusters": k, **params}
-        for k in (32, 64)
-        for name, params in (
-            ("the supervised defaults", {"tau": 0.1, "label_weight": 50.0, "similarity_weight": 10.0}),
-            ("label weight 20, tau 1", {"label_weight": 20.0}),
-        )
     },
     "similarity-weight": {  # the label-free term: codes keep the frozen features' joint cosine (0: off)
         f"similarity weight {weight:g}": {"similarity_weight": weight} for weight in (0.0, 1.0, 5.0, 20.0)

@@ -96,10 +96,8 @@ class TrainConfig(Section):
     limit_items: int | None = Field(None, ge=8)  # use only the first N items per split (tiny configs)
     max_failures: int = Field(2, ge=0)  # worker failures Ray Train recovers from
     # "findings": supervise with the findings mined from the reports (services/findings.py) instead of the
-    # dataset's labels, which training then never reads (label-free; `medhash eval` still scores with them);
-    # "clusters": with k-means clusters of the frozen image and report features (label-free as well)
-    supervision: Literal["labels", "findings", "clusters"] = "labels"
-    clusters: int = Field(32, ge=2)  # k of the "clusters" supervision
+    # dataset's labels, which training then never reads (label-free; `medhash eval` still scores with them)
+    supervision: Literal["labels", "findings"] = "labels"
     # the mined categories a label-free run trains on and chooses its epoch by (docs/results.md, "Label-free LSCH:
     # a soft instance term": anatomy terms track MedPix's labels, "finding" terms such as mass do not)
     findings_categories: tuple[Literal["anatomy", "finding", "diagnosis"], ...] = Field(

@@ -13,9 +13,7 @@ from medhash.services.config import ImageBackboneConfig, TextBackboneConfig, loa
 from medhash.services.data.item import Dataset, Item
 from medhash.services.backbones.image import build_image_backbone
 from medhash.services.backbones.text import build_text_backbone
-from medhash.services.errors import ConfigError
 from medhash.services.features.cache import FeatureCache, extract_image_features, extract_text_features
-from medhash.services.features.featureset import FeatureSet, supervised_by_clusters
 
 
 @pytest.fixture(scope="module")
@@ -186,34 +184,3 @@ def test_medpix2_features_with_the_real_backbones(shared_data, tmp_path, capsys)
     with torch.inference_mode():
         direct = encoder(encoder.preprocess(load_image(first.image_paths[0])).unsqueeze(0))[0].numpy()
     np.testing.assert_allclose(rows[first.id], direct, rtol=1e-4, atol=1e-4)
-
-
-def three_group_features(per_group: int = 6) -> FeatureSet:
-    """Items of three groups, far apart in both modalities, split between train and dev in every group."""
-    rng = np.random.default_rng(0)
-    group = np.repeat(np.arange(3), per_group)
-    centres_image, centres_text = rng.normal(size=(3, 12)) * 10, rng.normal(size=(3, 8)) * 10
-    n = len(group)
-    return FeatureSet(
-        dataset="toy", ids=np.array([f"item{i}" for i in range(n)]),
-        image=(centres_image[group] + rng.normal(size=(n, 12))).astype(np.float32),
-        text=(centres_text[group] + rng.normal(size=(n, 8))).astype(np.float32),
-        views=np.zeros((n, 0, 8), np.float32), view_names=(),
-        labels=np.zeros((n, 1), np.uint8), label_names=("unused",),
-        splits=np.array(["train", "train", "train", "train", "dev", "dev"] * 3), groups=np.array([str(g) for g in group]),
-    )
-
-
-def test_feature_clusters_replace_the_labels_one_hot_and_find_the_groups_in_dev_too():
-    features = three_group_features()
-    clustered = supervised_by_clusters(features, 3, seed=0)
-    assert clustered.label_names == ("cluster 0", "cluster 1", "cluster 2")
-    assert clustered.labels.shape == (len(features), 3) and (clustered.labels.sum(axis=1) == 1).all()
-    cluster = clustered.labels.argmax(axis=1)
-    same_group = features.groups[:, None] == features.groups[None, :]
-    assert ((cluster[:, None] == cluster[None, :]) == same_group).all()  # dev items join their group's cluster
-
-
-def test_more_clusters_than_training_items_is_a_named_config_error():
-    with pytest.raises(ConfigError, match="train.clusters"):
-        supervised_by_clusters(three_group_features(), 13, seed=0)

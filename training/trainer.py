@@ -12,12 +12,7 @@ from medhash.services import registry
 from medhash.services.config import MedhashConfig, override
 from medhash.services.data import dataset_root, open_dataset
 from medhash.services.errors import ConfigError, DataError
-from medhash.services.features.featureset import (
-    FeatureSet,
-    build_featureset,
-    supervised_by_clusters,
-    supervised_by_findings,
-)
+from medhash.services.features.featureset import FeatureSet, build_featureset, supervised_by_findings
 from medhash.services.methods import schedule
 from medhash.training.loop import STATE_FILE, train_loop
 from medhash.training.plots import plot_history
@@ -126,8 +121,6 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
     features = features or build_featureset(cfg)
     if cfg.train.supervision == "findings":
         features = supervised_by_findings(features, open_dataset(cfg.data), cfg.train.findings_categories)
-    elif cfg.train.supervision == "clusters":
-        features = supervised_by_clusters(features, cfg.train.clusters, cfg.train.seed)
     for split in ("train", "dev"):
         if not len(features.rows(split)):
             raise ConfigError(f"{features.dataset}: the {split} split is empty; model selection needs train and dev")

@@ -14,7 +14,6 @@ import numpy as np
 from medhash.services.config import MedhashConfig
 from medhash.services.data import open_dataset
 from medhash.services.data.item import Dataset
-from medhash.services.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -137,25 +136,3 @@ def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: I
     log.info("%s: supervised by %d mined findings instead of its %d labels", features.dataset, len(names),
              len(features.label_names))
     return replace(features, labels=labels, label_names=names)
-
-
-def supervised_by_clusters(features: FeatureSet, k: int, seed: int) -> FeatureSet:
-    """``features`` with its labels replaced by k-means clusters of the joint frozen features, fitted on the train
-    split, every item one-hot in its nearest centroid's cluster: label-free pseudo-labels
-    (``train.supervision: clusters``). Each modality is centred on the train mean and scaled to unit length first."""
-    from sklearn.cluster import KMeans
-
-    train = features.rows("train")
-    if k > len(train):
-        raise ConfigError(f"train.clusters: {k} clusters for {len(train)} training items")
-    joint = np.hstack([_centred_unit(features.image, train), _centred_unit(features.text, train)])
-    assigned = KMeans(k, n_init=4, random_state=seed).fit(joint[train]).predict(joint)
-    log.info("%s: supervised by %d feature clusters instead of its %d labels", features.dataset, k,
-             len(features.label_names))
-    return replace(features, labels=np.eye(k, dtype=np.uint8)[assigned],
-                   label_names=tuple(f"cluster {c}" for c in range(k)))
-
-
-def _centred_unit(x: np.ndarray, train: np.ndarray) -> np.ndarray:
-    x = x - x[train].mean(axis=0)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
