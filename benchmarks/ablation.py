@@ -25,8 +25,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``label-free-selection``: at tau 1 with no findings term, the epoch chosen on the anatomy findings only, and
   batches of 256 (more negatives for the instance term);
 - ``supervised-pair``: levers for pair recall beside the label term: its scale (how soon it stops pulling a
-  label's items together), weight decay, a code memory of earlier batches' codes as extra negatives
-  (``memory_size``), and the similarity-preserving term;
+  label's items together), weight decay, and the similarity-preserving term (a code memory of earlier batches'
+  codes and dropout on the frozen features were measured here too, then removed: docs/results.md);
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
@@ -111,13 +111,7 @@ STUDIES = {
         "label scale 10": {"label_scale": 10.0},
         "label scale 20": {"label_scale": 20.0},
         "weight decay 0.01": {"train.weight_decay": 0.01},
-        "code memory 512": {"memory_size": 512},
-        "code memory 1024": {"memory_size": 1024},
-        "code memory 256": {"memory_size": 256},
-        "tau 0.05, code memory 512": {"tau": 0.05, "memory_size": 512},
         "similarity weight 10": {"similarity_weight": 10.0},
-        "feature dropout 0.2": {"feature_dropout": 0.2},
-        "feature dropout 0.5": {"feature_dropout": 0.5},
     },
     "supervised-similarity": {  # supervised configs: the similarity term's trade of labels MAP for pair recall
         "defaults": {},

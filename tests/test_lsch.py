@@ -13,9 +13,7 @@ from medhash.services.config import MedhashConfig, load_config
 from medhash.services.errors import ConfigError, WeightsError
 from medhash.services.methods.gbrbm import GBRBM
 from medhash.services.methods.lsch import LSCH, alignment_loss, lsch_loss
-from medhash.services.methods.base import Batch
 from medhash.services.methods.losses import (
-    CodeMemory,
     contrastive_loss,
     false_negative_mask,
     feature_similarity,
@@ -246,53 +244,6 @@ def test_false_negative_policies():
     assert torch.isclose(
         contrastive_loss(a, b, torch.ones(5, 1), 0.2, 0.0, "none"), contrastive_loss(a, b, None, 0.2, 0.0)
     )
-
-
-def test_code_memory_adds_earlier_items_as_negatives_never_the_item_itself():
-    g = torch.Generator().manual_seed(4)
-    a, b = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
-    memory = CodeMemory(size=5)
-    assert memory.negatives(16, torch.arange(4), None, "none") is None
-    memory.push(16, torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.tensor([10, 11, 12]),
-                torch.tensor([[1.0], [0.0], [1.0]]))
-    memory.push(16, torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.tensor([13, 2, 14]),
-                torch.tensor([[0.0], [0.0], [1.0]]))
-    memory_a, memory_b, negatives = memory.negatives(16, torch.tensor([0, 1, 2, 3]), None, "none")
-    assert len(memory_a) == len(memory_b) == 5  # the oldest item (row 10) was dropped
-    assert negatives.sum(dim=1).tolist() == [5, 5, 4, 5]  # row 2 is never its own negative
-    # with labels, the false-negative policy also applies to the remembered items
-    labels = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
-    shared = memory.negatives(16, torch.tensor([0, 1, 2, 3]), labels, "shared_label")[2]
-    assert shared[0].sum() == 3 and shared[1].sum() == 5
-    # row i's logits gain the memory's other-modality codes: InfoNCE over the batch and the memory
-    logits_a = F.normalize(a, dim=1) @ F.normalize(torch.cat([b, memory_b]), dim=1).T / 0.2
-    logits_b = F.normalize(b, dim=1) @ F.normalize(torch.cat([a, memory_a]), dim=1).T / 0.2
-    logits_a[2, 4 + 3] = logits_b[2, 4 + 3] = float("-inf")  # row 2's own earlier codes
-    target = torch.arange(4)
-    expected = 0.5 * (F.cross_entropy(logits_a, target) + F.cross_entropy(logits_b, target))
-    with_memory = contrastive_loss(a, b, None, 0.2, 0.0, "none", (memory_a, memory_b, negatives))
-    assert torch.isclose(with_memory, expected, atol=1e-5) and with_memory > contrastive_loss(a, b, None, 0.2, 0.0)
-
-
-def test_lsch_code_memory_fills_across_batches_and_needs_the_rows():
-    model = build(use_llm=False, memory_size=12)
-    z, t, labels = batch()
-    for step in range(3):
-        rows = torch.arange(8) + 8 * step
-        loss, _ = model.batch_loss("joint", Batch(z, t, labels, slice(None), lambda x: x, rows), model.cfg)
-        loss.backward()
-    assert all(len(model.memory.entries[bits][0]) == 12 for bits in (16, 32))
-    assert model.memory.entries[16][2].tolist() == list(range(12, 24))
-    with pytest.raises(ValueError, match="memory_size"):
-        model.batch_loss("joint", Batch(z, t, labels, slice(None), lambda x: x), model.cfg)
-
-
-def test_feature_dropout_acts_in_training_only():
-    model = build(use_llm=False, feature_dropout=0.5)
-    z, t, _ = batch()
-    assert not torch.allclose(model.embed_image(z), model.embed_image(z))
-    model.eval()
-    assert torch.equal(model.embed_image(z), model.embed_image(z)) and torch.equal(model.embed_text(t), model.embed_text(t))
 
 
 def test_label_similarity_shared_and_graded():

@@ -120,3 +120,6 @@ def test_readings_are_refused_where_they_cannot_work():
     long = LLMReader(llm, tokenizer, "tiny", max_length=window - 2, batch_size=1)
     with pytest.raises(ConfigError, match="prompt tokens exceed"):
         model.embed_text(long.encode(["x"]))
+    model.train()  # the head's batch norm cannot standardise one row: a named error, not torch's
+    with pytest.raises(ConfigError, match="at least 2 rows per worker"):
+        model.embed_text(LLMReader(llm, tokenizer, "tiny", max_length=32, batch_size=1).encode(["x"]))

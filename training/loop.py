@@ -120,7 +120,6 @@ def _run_epoch(model, optimizer, data, order, stage, cfg, rng, rank, world) -> d
             labels=torch.from_numpy(data.labels[rows].astype(np.float32)).to(device),
             local=slice(rank * len(shards[0]), (rank + 1) * len(shards[0])),
             gather=lambda local: _gather_rows(local, world),
-            rows=torch.from_numpy(rows),
         )
         loss, parts = model.batch_loss(stage, global_batch, cfg)
         optimizer.zero_grad()

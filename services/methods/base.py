@@ -30,8 +30,7 @@ class Batch:
     augmented view of it), ``labels`` multi-hot float [B, C] (all-zero rows: unknown).
     Data-parallel methods may embed only ``z[local]`` / ``t[local]`` on this worker and ``gather``
     the results (differentiably) into the global batch; a method may also ignore both and compute
-    on the whole batch: every worker then takes the same step. ``rows`` [B] are the items' train rows
-    (None when unknown), for methods that remember items across batches.
+    on the whole batch: every worker then takes the same step.
     """
 
     z: Tensor
@@ -39,7 +38,6 @@ class Batch:
     labels: Tensor
     local: slice
     gather: Callable[[Tensor], Tensor]
-    rows: Tensor | None = None
 
 
 class HashModel(nn.Module):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medhash.services.errors import ConfigError
+
 
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
     """Linear -> GELU -> Linear, ``hidden`` wide; one linear map when ``hidden`` is 0."""
@@ -38,7 +40,7 @@ class StandardizedMLP(nn.Module):
     removes what every input shares and leaves what tells them apart: for an LLM's reading of a report pooled
     over the prompt after it, the prompt's own large, constant contribution. With several training workers each
     standardises over its own share of the batch (as data-parallel batch norm does without synchronisation), so
-    there the step is close to, not exactly, the one-worker step.
+    there the step is close to, not exactly, the one-worker step, and each worker needs at least two rows.
     """
 
     def __init__(self, dim: int, hidden: int = 0) -> None:
@@ -47,6 +49,9 @@ class StandardizedMLP(nn.Module):
         self.mlp = mlp(dim, hidden, dim)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if self.training and len(v) < 2:
+            raise ConfigError(f"a training batch of {len(v)} row(s) per worker cannot be standardised: "
+                              "raise train.batch_size or lower train.workers (at least 2 rows per worker)")
         return self.mlp(self.norm(v))
 
 

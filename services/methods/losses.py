@@ -1,8 +1,7 @@
 """Loss terms shared by several methods, on relaxed codes or float embeddings.
 
 - :func:`contrastive_loss`, symmetric InfoNCE with false-negative masking (:func:`false_negative_mask`)
-  and hard-negative re-weighting (:func:`hard_negative_weights`, Robinson et al. 2021), optionally against
-  a :class:`CodeMemory` of earlier batches;
+  and hard-negative re-weighting (:func:`hard_negative_weights`, Robinson et al. 2021);
 - :func:`manifold_similarity` (label cosine blended with a feature kNN graph) and :func:`manifold_loss`;
 - :func:`label_similarity` and :func:`pairwise_label_loss` (every cross-modal pair scored against its labels);
 - :func:`feature_similarity` and :func:`similarity_preserving_loss` (code cosines regress onto the frozen
@@ -17,25 +16,20 @@ import torch
 import torch.nn.functional as F
 
 
-def false_negative_mask(
-    labels: torch.Tensor | None, n: int, policy: str, others: torch.Tensor | None = None
-) -> torch.Tensor:
-    """bool [n, n] (or [n, m] against the labels ``others`` [m, C] of other items): pairs the
-    contrastive term must not push apart, by ``policy``.
+def false_negative_mask(labels: torch.Tensor | None, n: int, policy: str) -> torch.Tensor:
+    """bool [n, n]: pairs the contrastive term must not push apart, by ``policy``.
 
     "shared_label": at least one label in common; "same_labels": the identical, non-empty label set;
     "none": no pair. Items with unknown labels (None or a zero row) are never false negatives.
     """
-    m = n if others is None else len(others)
     if labels is None or policy == "none":
-        return torch.zeros(n, m, dtype=torch.bool)
+        return torch.zeros(n, n, dtype=torch.bool)
     labels = labels.float()
-    others = labels if others is None else others.float().to(labels.device)
-    shared = labels @ others.T
+    shared = labels @ labels.T
     if policy == "shared_label":
         return shared > 0
-    counts, other_counts = labels.sum(dim=1), others.sum(dim=1)
-    return (shared == counts[:, None]) & (shared == other_counts[None, :]) & (counts[:, None] > 0)
+    counts = labels.sum(dim=1)
+    return (shared == counts[:, None]) & (shared == counts[None, :]) & (counts[:, None] > 0)
 
 
 def hard_negative_weights(logits: torch.Tensor, negatives: torch.Tensor, strength: float) -> torch.Tensor:
@@ -50,9 +44,7 @@ def hard_negative_weights(logits: torch.Tensor, negatives: torch.Tensor, strengt
 
 
 def _info_nce_rows(logits: torch.Tensor, negatives: torch.Tensor, strength: float) -> torch.Tensor:
-    """Mean over rows of -log(e^{l_ii} / (e^{l_ii} + sum_j w_ij e^{l_ij})) over the negatives j.
-
-    ``logits`` [n, n + m]: row i's positive is column i; columns past n are extra candidates."""
+    """Mean over rows of -log(e^{l_ii} / (e^{l_ii} + sum_j w_ij e^{l_ij})) over the negatives j."""
     weights = hard_negative_weights(logits, negatives, strength)
     log_weights = torch.where(negatives, weights.clamp_min(1e-12).log(), float("-inf"))
     log_weights = log_weights.fill_diagonal_(0.0)  # the positive keeps weight 1
@@ -66,61 +58,16 @@ def contrastive_loss(
     tau: float,
     hard_negative_strength: float,
     false_negatives: str = "shared_label",
-    memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE between paired rows of ``a`` and ``b`` with label masking and hard-negative weights.
-
-    ``memory`` (a_m [m, K], b_m [m, K], negatives [n, m] bool), e.g. :class:`CodeMemory`: rows of earlier
-    batches (detached); row i of ``a`` also contrasts with b_m, row i of ``b`` with a_m, where ``negatives`` allow.
-    """
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    n = len(a)
-    masked = false_negative_mask(labels, n, false_negatives).to(a.device)
-    negatives = ~torch.eye(n, dtype=torch.bool, device=a.device) & ~masked
-    logits_a, logits_b, negatives_a, negatives_b = a @ b.T / tau, b @ a.T / tau, negatives, negatives.T
-    if memory is not None:
-        memory_a, memory_b, memory_negatives = memory
-        logits_a = torch.cat([logits_a, a @ F.normalize(memory_b, dim=1).T / tau], dim=1)
-        logits_b = torch.cat([logits_b, b @ F.normalize(memory_a, dim=1).T / tau], dim=1)
-        negatives_a = torch.cat([negatives_a, memory_negatives], dim=1)
-        negatives_b = torch.cat([negatives_b, memory_negatives], dim=1)
+    """Symmetric InfoNCE between paired rows of ``a`` and ``b`` with label masking and hard-negative weights."""
+    logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau
+    n = len(logits)
+    masked = false_negative_mask(labels, n, false_negatives).to(logits.device)
+    negatives = ~torch.eye(n, dtype=torch.bool, device=logits.device) & ~masked
     return 0.5 * (
-        _info_nce_rows(logits_a, negatives_a, hard_negative_strength)
-        + _info_nce_rows(logits_b, negatives_b, hard_negative_strength)
+        _info_nce_rows(logits, negatives, hard_negative_strength)
+        + _info_nce_rows(logits.T, negatives.T, hard_negative_strength)
     )
-
-
-class CodeMemory:
-    """The relaxed codes of the last ``size`` training items per code length, detached: extra negatives
-    for the instance term (a cross-batch memory, Wang et al. 2020, "XBM"), without a larger batch.
-
-    Items are known by their train row, so an item is never its own negative; :meth:`push` the gathered
-    global batch after each step, and every data-parallel worker holds the same memory. It is not part
-    of a checkpoint: a resumed run refills it within ``size / batch`` steps.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def negatives(
-        self, bits: int, rows: torch.Tensor, labels: torch.Tensor | None, policy: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(a_m, b_m, negatives [n, m]) for a batch of train ``rows`` (None while empty), for :func:`contrastive_loss`."""
-        if bits not in self.entries:
-            return None
-        a, b, memory_rows, memory_labels = self.entries[bits]
-        negatives = rows.to(memory_rows.device)[:, None] != memory_rows[None, :]
-        if labels is not None:
-            negatives &= ~false_negative_mask(labels, len(rows), policy, memory_labels).to(negatives.device)
-        return a, b, negatives
-
-    def push(self, bits: int, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> None:
-        """Append a batch's codes, keeping the newest ``size`` items."""
-        new = (a.detach(), b.detach(), rows.to(a.device), labels.detach().to(a.device))
-        if bits in self.entries:
-            new = tuple(torch.cat([old, add]) for old, add in zip(self.entries[bits], new))
-        self.entries[bits] = tuple(part[-self.size :] for part in new)
 
 
 def knn_graph(feats_a: torch.Tensor, feats_b: torch.Tensor, k: int) -> torch.Tensor:

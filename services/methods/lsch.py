@@ -40,9 +40,7 @@ Per code length K, summed over the model's code lengths:
   out. **Hard negative mining** re-weights the remaining negatives by their difficulty
   (Robinson et al. 2021): w_ij = N_i * softmax_j(strength * logit_ij) over i's N_i negatives, so
   the weights average 1 and the most similar negatives count most; strength 0 (ablation off) gives
-  plain InfoNCE with the same false-negative masking. With ``memory_size`` N > 0, each row also contrasts with
-  the codes of the last N training items (:class:`~medhash.services.methods.losses.CodeMemory`, detached;
-  never the item's own), more negatives without a larger batch.
+  plain InfoNCE with the same false-negative masking.
 - **manifold** — S_ma in [0, 1] from labels (cosine of multi-hot vectors) where both items have
   labels, blended with a cross-modal kNN graph over the frozen features (and the graph alone where
   labels are unknown); code inner products u_i . u_j / K, mapped to [0, 1], regress onto S_ma
@@ -88,7 +86,6 @@ from medhash.services.methods.base import Batch, HashModel
 from medhash.services.methods.gbrbm import GBRBM
 from medhash.services.methods.layers import LinearToken, StandardizedMLP, TokenProjection
 from medhash.services.methods.losses import (
-    CodeMemory,
     balance_loss,
     classification_loss,
     contrastive_loss,
@@ -128,8 +125,6 @@ class LSCHParams(Section):
     text_prompt: str = "Represent this radiology report for retrieval of matching medical images:"
     lora_rank: int = Field(0, ge=0)  # > 0: LoRA adapters (peft) on the LLM attention projections
     embed_dim: int = Field(640, ge=8)  # width of v when no LLM is loaded (use_llm off)
-    # dropout on the frozen features entering the encoding layers; MedPix dev, 3 seeds: 0.2 no pair gain (docs/results.md)
-    feature_dropout: float = Field(0.0, ge=0, lt=1)
     # losses
     tau: float = Field(0.1, gt=0)  # InfoNCE temperature
     alpha: float = Field(0.0, ge=0)  # manifold-similarity weight (the paper's small-set I2T 0.5; the floor recipe's 0)
@@ -138,9 +133,6 @@ class LSCHParams(Section):
     # which items the contrastive term never pushes apart from item i (besides its own pair):
     # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
     false_negatives: Literal["shared_label", "same_labels", "none"] = "none"
-    # > 0: the instance term also contrasts with the last N items' codes (XBM); on MedPix dev (3 seeds) 256-1024
-    # cost topic MAP and added no pair recall (docs/results.md)
-    memory_size: int = Field(0, ge=0)
     classification_weight: float = Field(0.0, ge=0)  # gamma: codes linearly predict the labels (0: off)
     # the pairwise label term: every cross-modal pair of the batch scored against its labels (0: off)
     label_weight: float = Field(50.0, ge=0)  # beside the similarity term; dev's choice, 3 seeds (docs/results.md)
@@ -180,8 +172,6 @@ class LSCH(HashModel):
         p = self.params
         self.prompted: PromptedLLM | None = None
         self.llm_reads_text = cfg.text_backbone.name == LLM_READER
-        self.memory = CodeMemory(p.memory_size) if p.memory_size else None  # training only; never saved
-        self.feature_dropout = nn.Dropout(p.feature_dropout)  # training only (embed() runs in eval mode)
         if self.llm_reads_text and (not p.use_llm or p.lora_rank):
             raise ConfigError(
                 f"text_backbone.name: {LLM_READER} needs method_params.lsch.use_llm: true and lora_rank: 0 "
@@ -240,13 +230,13 @@ class LSCH(HashModel):
 
     def embed_image(self, z: torch.Tensor) -> torch.Tensor:
         """v^x [B, d] from image features z [B, image_dim]."""
-        return self._pool(self.image_tokens(self.feature_dropout(z)), "image")
+        return self._pool(self.image_tokens(z), "image")
 
     def embed_text(self, t: torch.Tensor) -> torch.Tensor:
         """v^y [B, d] from text features t [B, text_dim] (with the LLM reading: the texts' readings)."""
         if self.llm_reads_text:
             return self.reading_head(self.prompted.read(t))
-        return self._pool(self.text_tokens(self.feature_dropout(t)), "text")
+        return self._pool(self.text_tokens(t), "text")
 
     def frozen_llm(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
         """The frozen LLM and its tokenizer (None with the LLM ablated)."""
@@ -297,7 +287,7 @@ class LSCH(HashModel):
         vx, vy = batch.gather(self.embed_image(z)), batch.gather(self.embed_text(t))
         if stage == "align":
             return embedding_alignment_loss(vx, vy, batch.labels, self.params)
-        return hashing_loss(self, vx, vy, pair_features(batch.z, batch.t), batch.labels, self.params, batch.rows)
+        return hashing_loss(self, vx, vy, pair_features(batch.z, batch.t), batch.labels, self.params)
 
 
 def lsch_loss(
@@ -318,16 +308,12 @@ def hashing_loss(
     pair_feats: torch.Tensor,
     labels: torch.Tensor | None,
     params: LSCHParams,
-    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The joint loss summed over the model's code lengths; ``parts`` holds each term's value.
 
     Takes the embeddings v^x, v^y and the frozen pair features rather than the raw batch, so data
-    parallel training can gather them from every worker and score the whole global batch. With a
-    code memory (``memory_size``), ``rows`` are the items' train rows and the batch joins the memory.
+    parallel training can gather them from every worker and score the whole global batch.
     """
-    if model.memory is not None and rows is None:
-        raise ValueError("method_params.lsch.memory_size needs the batch's train rows (Batch.rows)")
     strength = params.hard_negative_strength if params.hard_negative_mining else 0.0
     similarity = manifold_similarity(
         labels, labels, pair_feats, pair_feats, params.knn_k, params.manifold_label_weight
@@ -343,12 +329,9 @@ def hashing_loss(
     known = labels is not None and bool(model.classifiers) and bool((labels.sum(dim=1) > 0).any())
     for bits in model.bits:
         ux, uy = 2 * model.hash_probs(vx, bits) - 1, 2 * model.hash_probs(vy, bits) - 1
-        memory = model.memory.negatives(bits, rows, labels, params.false_negatives) if model.memory is not None else None
         terms["contrastive"] = terms["contrastive"] + contrastive_loss(
-            ux, uy, labels, params.tau, strength, params.false_negatives, memory
+            ux, uy, labels, params.tau, strength, params.false_negatives
         )
-        if model.memory is not None:
-            model.memory.push(bits, ux, uy, rows, labels if labels is not None else ux.new_zeros(len(ux), 0))
         terms["manifold"] = terms["manifold"] + manifold_loss(ux, uy, similarity)
         terms["quantization"] = terms["quantization"] + 0.5 * (quantization_loss(ux) + quantization_loss(uy))
         terms["balance"] = terms["balance"] + 0.5 * (balance_loss(ux) + balance_loss(uy))
