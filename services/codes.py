@@ -35,6 +35,12 @@ def unpack_codes(packed: np.ndarray, n_bits: int) -> np.ndarray:
     return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=n_bits)
 
 
+def constant_bits(packed: np.ndarray, n_bits: int) -> int:
+    """How many of the ``n_bits`` bits hold one value for every item: capacity the codes do not use."""
+    bits = unpack_codes(packed, n_bits)
+    return int((bits.min(axis=0) == bits.max(axis=0)).sum()) if len(bits) else 0
+
+
 def _as_words(packed: np.ndarray) -> np.ndarray:
     """View packed codes as uint64 words (zero-padded: padding adds nothing to a XOR popcount)."""
     packed = np.asarray(packed, dtype=np.uint8)

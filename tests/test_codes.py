@@ -6,6 +6,7 @@ import pytest
 
 from medhash.services.codes import (
     NPZ_KEYS,
+    constant_bits,
     hamming_distances,
     load_codes_npz,
     pack_codes,
@@ -45,6 +46,12 @@ def test_hamming_matches_bitwise_reference(n_bits, monkeypatch):
     dist = hamming_distances(pack_codes(q), pack_codes(d))
     assert dist.dtype == np.int32 and dist.shape == (11, 23)
     np.testing.assert_array_equal(dist, expected)
+
+
+def test_constant_bits_counts_the_bits_every_item_shares():
+    bits = np.array([[1, 0, 1, 0, 1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 1, 0, 1, 0, 0, 1], [1, 0, 0, 0, 1, 1, 1, 1, 0, 1]])
+    assert constant_bits(pack_codes(bits), 10) == 6  # bits 0, 3, 4, 6, 8 and 9; padding bits never count
+    assert constant_bits(pack_codes(bits[:1]), 10) == 10 and constant_bits(pack_codes(bits[:0]), 10) == 0
 
 
 def test_hamming_refuses_different_widths():

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import registered_checkpoints, wait_for
-from medhash.services.codes import hamming_distances, load_codes_npz
+from medhash.services.codes import hamming_distances, load_codes_npz, unpack_codes
 from medhash.services.config import load_config
 from medhash.services.errors import ConfigError
 from medhash.services.evaluation.protocols import evaluate
@@ -103,6 +103,10 @@ def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_featur
     recomputed = retrieval_metrics(dist, label_relevance(saved["query_labels"], saved["db_labels"]))
     assert recomputed["map@all"] == pytest.approx(results["bits"]["32"]["labels"]["i2t"]["map@all"])
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["queries"] == 100
+    constant = results["constant_bits"]["32"]  # the saved database codes agree with the count
+    assert constant == {m: int((np.ptp(unpack_codes(saved[key], 32), axis=0) == 0).sum())
+                        for m, key in (("image", "db_img"), ("text", "db_txt"))}
+    assert "Bits constant over the database" in (tmp_path / "eval" / "results.md").read_text()
 
 
 @pytest.mark.real

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medhash.services.codes import hamming_distances, save_codes_npz
+from medhash.services.codes import constant_bits, hamming_distances, save_codes_npz
 from medhash.services.config import override
 from medhash.services.errors import ConfigError
 from medhash.services.evaluation.protocols import evaluate, reference_maps
@@ -65,11 +65,13 @@ def evaluate_run(
         ),
         "float": evaluate("cosine", v_query, v_db, **labels, query_groups=features.groups[query]),
         "bits": {},
+        "constant_bits": {},  # per code length and modality: bits with one value over the whole database
     }
     out.mkdir(parents=True, exist_ok=True)
     for bits in model.bits:
         c_query, c_db = hash_codes(model, v_query, bits), hash_codes(model, v_db, bits)
         results["bits"][str(bits)] = evaluate("hamming", c_query, c_db, **labels, query_groups=features.groups[query])
+        results["constant_bits"][str(bits)] = {m: constant_bits(c, bits) for m, c in c_db.items()}
         save_codes_npz(
             out / f"codes_{bits}.npz", query_img=c_query["image"], query_txt=c_query["text"], db_img=c_db["image"],
             db_txt=c_db["text"], query_ids=features.ids[query], db_ids=features.ids[db], **labels,
@@ -119,8 +121,17 @@ def results_table(results: dict) -> str:
     return (
         f"{results['dataset']}: {results['queries']} queries, {results['database']} database items; "
         "MAP@all by Hamming ranking (ties by database index)\n\n" + "\n".join(lines)
-        + f"\n\nReference floors (no model): {floors}\n" + judgments_table(results.get("judgments"))
+        + f"\n\nReference floors (no model): {floors}\n" + constant_bits_line(results.get("constant_bits"))
+        + judgments_table(results.get("judgments"))
     )
+
+
+def constant_bits_line(constant: dict | None) -> str:
+    """Markdown: per code length, the bits that hold one value over the database (image / text)."""
+    if not constant:
+        return ""
+    counts = "; ".join(f"{bits} bits: {c['image']} / {c['text']}" for bits, c in constant.items())
+    return f"\nBits constant over the database (image / text codes): {counts}\n"
 
 
 def judgments_table(judged: dict | None) -> str:
