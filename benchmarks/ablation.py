@@ -26,10 +26,9 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   batches of 256 (more negatives for the instance term);
 - ``supervised-pair``: levers for pair recall beside the label term: its scale (how soon it stops pulling a
   label's items together), weight decay, and the similarity-preserving term (a code memory of earlier batches'
-  codes and dropout on the frozen features were measured here too, then removed: docs/results.md);
+  codes, dropout on the frozen features and a heavier bit-balance term were measured too, then removed:
+  docs/results.md);
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
-- ``supervised-balance``: a heavier bit-balance term (``balance_weight``) beside the label term, which leaves
-  some bits constant over the database (capacity the pair protocol needs);
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
   term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
@@ -120,9 +119,6 @@ STUDIES = {
         "similarity weight 3": {"similarity_weight": 3.0},
         "similarity weight 10": {"similarity_weight": 10.0},
         "similarity weight 10, label weight 50": {"similarity_weight": 10.0, "label_weight": 50.0},
-    },
-    "supervised-balance": {  # supervised configs: bit balance against the bits the label term leaves constant
-        f"balance weight {weight:g}": {"balance_weight": weight} for weight in (1.0, 5.0)
     },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {

@@ -292,16 +292,6 @@ def test_label_term_enters_both_stages_only_when_switched_on():
     assert "label_v" not in alignment_loss(without, z, t, labels, without.params)[1]
 
 
-def test_bit_balance_takes_beta_unless_it_has_its_own_weight():
-    z, t, labels = batch()
-    model = build(use_llm=False)
-    _, shared = lsch_loss(model, z, t, labels, model.params)
-    heavier = model.params.model_copy(update={"balance_weight": 5.0})
-    _, own = lsch_loss(model, z, t, labels, heavier)
-    assert own["balance"] == shared["balance"] > 0
-    assert own["total"] - shared["total"] == pytest.approx((5.0 - model.params.beta) * shared["balance"], rel=1e-4)
-
-
 def test_feature_similarity_is_the_centred_joint_cosine_and_the_term_pulls_codes_onto_it():
     g = torch.Generator().manual_seed(5)
     feats = torch.rand(6, 10, generator=g) + 1.0  # all positive, as ReLU features: raw cosines all high

@@ -53,8 +53,7 @@ Per code length K, summed over the model's code lengths:
   pair recall), so label-free configs switch it off; with labels, weight 10 beside a label term of weight 50 was
   MedPix dev's choice and on the query split raised pair recall by 3-6 points with labels and topic MAP the same
   or higher; on COVID's dev split it made no difference (docs/results.md).
-- **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0), both at weight beta unless
-  ``balance_weight`` gives bit balance its own.
+- **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
 - **label** (weight ``label_weight``, 50 by default): every cross-modal pair (i, j) of the batch
   scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j)), S_ij), with S_ij 1 for
   pairs that share a label ("shared") or the cosine of the label vectors ("graded", so the same
@@ -130,7 +129,6 @@ class LSCHParams(Section):
     tau: float = Field(0.1, gt=0)  # InfoNCE temperature
     alpha: float = Field(0.0, ge=0)  # manifold-similarity weight (the paper's small-set I2T 0.5; the floor recipe's 0)
     beta: float = Field(0.1, ge=0)  # quantisation + bit-balance weight (the paper's 0.8; the floor recipe's 0.1)
-    balance_weight: float | None = Field(None, ge=0)  # the bit-balance term's own weight (None: beta)
     hard_negative_strength: float = Field(0.5, ge=0)  # beta_h of the negatives' weights exp(beta_h * logit)
     # which items the contrastive term never pushes apart from item i (besides its own pair):
     # "shared_label" any label in common, "same_labels" the identical label set, "none" nobody
@@ -348,8 +346,7 @@ def hashing_loss(
     total = (
         terms["contrastive"]
         + params.alpha * terms["manifold"]
-        + params.beta * terms["quantization"]
-        + (params.beta if params.balance_weight is None else params.balance_weight) * terms["balance"]
+        + params.beta * (terms["quantization"] + terms["balance"])
         + params.classification_weight * terms.get("classification", 0.0)
         + params.label_weight * terms.get("label", 0.0)
         + params.similarity_weight * terms.get("similarity", 0.0)
