@@ -29,6 +29,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   codes, dropout on the frozen features and a heavier bit-balance term were measured too, then removed:
   docs/results.md);
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
+- ``supervised-label-bias``: a bias in the label term's logits, so that unrelated pairs need not be pushed below
+  cosine 0, which the codes do by splitting bits by modality (on for images, off for texts);
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
   term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
@@ -119,6 +121,9 @@ STUDIES = {
         "similarity weight 3": {"similarity_weight": 3.0},
         "similarity weight 10": {"similarity_weight": 10.0},
         "similarity weight 10, label weight 50": {"similarity_weight": 10.0, "label_weight": 50.0},
+    },
+    "supervised-label-bias": {  # supervised configs: the label term's bias, against bits split by modality
+        f"label bias {bias:g}": {"label_bias": bias} for bias in (-1.25, -2.5)
     },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {

@@ -35,10 +35,14 @@ def unpack_codes(packed: np.ndarray, n_bits: int) -> np.ndarray:
     return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=n_bits)
 
 
-def constant_bits(packed: np.ndarray, n_bits: int) -> int:
-    """How many of the ``n_bits`` bits hold one value for every item: capacity the codes do not use."""
-    bits = unpack_codes(packed, n_bits)
-    return int((bits.min(axis=0) == bits.max(axis=0)).sum()) if len(bits) else 0
+def code_health(image_packed: np.ndarray, text_packed: np.ndarray, n_bits: int) -> dict[str, int]:
+    """Bits that tell no items apart: constant over every image or every text code, and split by modality
+    (on for most images and off for most texts, or the reverse: |mean difference| > 0.5), which adds about
+    the same distance between any image and any text."""
+    image, text = unpack_codes(image_packed, n_bits), unpack_codes(text_packed, n_bits)
+    constant = {m: int((b.min(axis=0) == b.max(axis=0)).sum()) if len(b) else 0 for m, b in (("image", image), ("text", text))}
+    split = int((np.abs(image.mean(axis=0) - text.mean(axis=0)) > 0.5).sum()) if len(image) and len(text) else 0
+    return {"constant_image": constant["image"], "constant_text": constant["text"], "modality_split": split}
 
 
 def _as_words(packed: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 
 from medhash.services.codes import (
     NPZ_KEYS,
-    constant_bits,
+    code_health,
     hamming_distances,
     load_codes_npz,
     pack_codes,
@@ -48,10 +48,16 @@ def test_hamming_matches_bitwise_reference(n_bits, monkeypatch):
     np.testing.assert_array_equal(dist, expected)
 
 
-def test_constant_bits_counts_the_bits_every_item_shares():
-    bits = np.array([[1, 0, 1, 0, 1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 1, 0, 1, 0, 0, 1], [1, 0, 0, 0, 1, 1, 1, 1, 0, 1]])
-    assert constant_bits(pack_codes(bits), 10) == 6  # bits 0, 3, 4, 6, 8 and 9; padding bits never count
-    assert constant_bits(pack_codes(bits[:1]), 10) == 10 and constant_bits(pack_codes(bits[:0]), 10) == 0
+def test_code_health_counts_constant_and_modality_split_bits():
+    image = np.array([[1, 0, 1, 0, 1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 1, 0, 1, 0, 0, 1], [1, 0, 0, 0, 1, 1, 1, 1, 0, 1]])
+    text = image.copy()
+    text[:, 0] = 0  # bit 0: on for every image, off for every text
+    text[:2, 1] = 1  # bit 1: a third of the images, two thirds of the texts: not split
+    health = code_health(pack_codes(image), pack_codes(text), 10)
+    # constant image bits 0, 3, 4, 6, 8, 9 (padding bits never count); text bits 0, 3, 4, 6, 8, 9
+    assert health == {"constant_image": 6, "constant_text": 6, "modality_split": 1}
+    empty = code_health(pack_codes(image[:0]), pack_codes(text[:0]), 10)
+    assert empty == {"constant_image": 0, "constant_text": 0, "modality_split": 0}
 
 
 def test_hamming_refuses_different_widths():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medhash.services.codes import constant_bits, hamming_distances, save_codes_npz
+from medhash.services.codes import code_health, hamming_distances, save_codes_npz
 from medhash.services.config import override
 from medhash.services.errors import ConfigError
 from medhash.services.evaluation.protocols import evaluate, reference_maps
@@ -65,13 +65,13 @@ def evaluate_run(
         ),
         "float": evaluate("cosine", v_query, v_db, **labels, query_groups=features.groups[query]),
         "bits": {},
-        "constant_bits": {},  # per code length and modality: bits with one value over the whole database
+        "code_health": {},  # per code length: database bits constant per modality, and split by modality
     }
     out.mkdir(parents=True, exist_ok=True)
     for bits in model.bits:
         c_query, c_db = hash_codes(model, v_query, bits), hash_codes(model, v_db, bits)
         results["bits"][str(bits)] = evaluate("hamming", c_query, c_db, **labels, query_groups=features.groups[query])
-        results["constant_bits"][str(bits)] = {m: constant_bits(c, bits) for m, c in c_db.items()}
+        results["code_health"][str(bits)] = code_health(c_db["image"], c_db["text"], bits)
         save_codes_npz(
             out / f"codes_{bits}.npz", query_img=c_query["image"], query_txt=c_query["text"], db_img=c_db["image"],
             db_txt=c_db["text"], query_ids=features.ids[query], db_ids=features.ids[db], **labels,
@@ -121,17 +121,18 @@ def results_table(results: dict) -> str:
     return (
         f"{results['dataset']}: {results['queries']} queries, {results['database']} database items; "
         "MAP@all by Hamming ranking (ties by database index)\n\n" + "\n".join(lines)
-        + f"\n\nReference floors (no model): {floors}\n" + constant_bits_line(results.get("constant_bits"))
+        + f"\n\nReference floors (no model): {floors}\n" + code_health_line(results.get("code_health"))
         + judgments_table(results.get("judgments"))
     )
 
 
-def constant_bits_line(constant: dict | None) -> str:
-    """Markdown: per code length, the bits that hold one value over the database (image / text)."""
-    if not constant:
+def code_health_line(health: dict | None) -> str:
+    """Markdown: per code length, the database bits constant over the image / text codes and split by modality."""
+    if not health:
         return ""
-    counts = "; ".join(f"{bits} bits: {c['image']} / {c['text']}" for bits, c in constant.items())
-    return f"\nBits constant over the database (image / text codes): {counts}\n"
+    counts = "; ".join(f"{bits} bits: {h['constant_image']} / {h['constant_text']}, {h['modality_split']} split"
+                       for bits, h in health.items())
+    return f"\nBits constant over the database (image / text codes) and split by modality: {counts}\n"
 
 
 def judgments_table(judged: dict | None) -> str:

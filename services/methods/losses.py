@@ -140,10 +140,12 @@ def label_similarity(labels: torch.Tensor, target: str) -> tuple[torch.Tensor, t
 
 
 def pairwise_label_loss(
-    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None, scale: float, target: str = "shared"
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None, scale: float, target: str = "shared",
+    bias: float = 0.0,
 ) -> torch.Tensor:
-    """Mean BCE of sigmoid(scale * cos(a_i, b_j)) against S_ij (:func:`label_similarity`) over every
-    pair of rows whose labels are known; zero when no pair is.
+    """Mean BCE of sigmoid(scale * cos(a_i, b_j) + bias) against S_ij (:func:`label_similarity`) over every
+    pair of rows whose labels are known; zero when no pair is. A negative ``bias`` moves the cosine that
+    separates related from unrelated pairs above 0 (as SigLIP's bias does for its many negatives).
 
     Unlike a false-negative mask, this pulls label-sharing items together and pushes the rest apart
     across the whole batch (the label-supervised term of the evaluation notes' reference floor).
@@ -153,7 +155,7 @@ def pairwise_label_loss(
     similarity, known = label_similarity(labels.to(a.device), target)
     if not known.any():
         return a.new_zeros(())
-    logits = scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T)
+    logits = scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T) + bias
     return F.binary_cross_entropy_with_logits(logits[known], similarity[known])
 
 
