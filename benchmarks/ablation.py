@@ -26,8 +26,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   batches of 256 (more negatives for the instance term);
 - ``supervised-pair``: levers for pair recall beside the label term: its scale (how soon it stops pulling a
   label's items together), weight decay, and the similarity-preserving term (a code memory of earlier batches'
-  codes, dropout on the frozen features and a heavier bit-balance term were measured too, then removed:
-  docs/results.md);
+  codes and dropout on the frozen features were measured here too, and a heavier bit-balance term in a study of
+  its own; all three were removed: docs/results.md);
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
 - ``supervised-label-bias``: a bias in the label term's logits, so that unrelated pairs need not be pushed below
   cosine 0, which the codes do by splitting bits by modality (on for images, off for texts);

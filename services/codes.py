@@ -40,9 +40,13 @@ def code_health(image_packed: np.ndarray, text_packed: np.ndarray, n_bits: int) 
     (on for most images and off for most texts, or the reverse: |mean difference| > 0.5), which adds about
     the same distance between any image and any text."""
     image, text = unpack_codes(image_packed, n_bits), unpack_codes(text_packed, n_bits)
-    constant = {m: int((b.min(axis=0) == b.max(axis=0)).sum()) if len(b) else 0 for m, b in (("image", image), ("text", text))}
-    split = int((np.abs(image.mean(axis=0) - text.mean(axis=0)) > 0.5).sum()) if len(image) and len(text) else 0
-    return {"constant_image": constant["image"], "constant_text": constant["text"], "modality_split": split}
+    if not len(image) or not len(text):
+        return {"constant_image": 0, "constant_text": 0, "modality_split": 0}
+    return {
+        "constant_image": int((image.min(axis=0) == image.max(axis=0)).sum()),
+        "constant_text": int((text.min(axis=0) == text.max(axis=0)).sum()),
+        "modality_split": int((np.abs(image.mean(axis=0) - text.mean(axis=0)) > 0.5).sum()),
+    }
 
 
 def _as_words(packed: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ Per code length K, summed over the model's code lengths:
   or higher; on COVID's dev split it made no difference (docs/results.md).
 - **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
 - **label** (weight ``label_weight``, 50 by default): every cross-modal pair (i, j) of the batch
-  scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j)), S_ij), with S_ij 1 for
+  scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j) + label_bias), S_ij), with S_ij 1 for
   pairs that share a label ("shared") or the cosine of the label vectors ("graded", so the same
   region with another diagnosis is a weaker match than the same diagnosis); unlike the false-negative
   mask, it pushes apart what the labels separate. In stage A it acts on v^x, v^y as well.
