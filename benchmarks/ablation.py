@@ -31,6 +31,10 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
 - ``supervised-label-bias``: a bias in the label term's logits, so that unrelated pairs need not be pushed below
   cosine 0, which the codes do by splitting bits by modality (on for images, off for texts);
+  ``supervised-label-balance``: the related and the unrelated pairs weigh half each in the label term, so neither
+  the many unrelated pairs of MedPix nor the many related ones of COVID set the codes' cosines on their own;
+- ``augmentation-views``: training on the extractive text views or on the views the LLM wrote under the copy
+  constraint and the grounding check (``medhash augment --generator local`` first: the cache holds them);
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
   term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
@@ -124,6 +128,13 @@ STUDIES = {
     },
     "supervised-label-bias": {  # supervised configs: the label term's bias, against bits split by modality
         f"label bias {bias:g}": {"label_bias": bias} for bias in (-1.25, -2.5)
+    },
+    "augmentation-views": {  # stage 1: which text views training swaps in for the reports (the configs: none)
+        "extractive views": {"augment.use_views": True, "augment.generator": "extractive"},
+        "grounded LLM views": {"augment.use_views": True, "augment.generator": "local"},
+    },
+    "supervised-label-balance": {  # supervised configs: related and unrelated pairs weigh half each in the label term
+        "balanced label term": {"label_balanced": True},
     },
     "label-free": {  # the two that paid on dev, together: a soft instance term and the anatomy findings
         f"tau {tau:g}, anatomy findings weight {weight:g}": {

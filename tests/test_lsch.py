@@ -265,6 +265,14 @@ def test_pairwise_label_loss_by_hand_and_its_gradient_separates_label_groups():
     assert torch.isclose(pairwise_label_loss(a, b, labels, 5.0), expected)
     shifted = F.binary_cross_entropy_with_logits(5 * cosine[:3, :3] - 2.0, target)  # the bias shifts every logit
     assert torch.isclose(pairwise_label_loss(a, b, labels, 5.0, bias=-2.0), shifted)
+    logits = 5 * cosine[:3, :3]  # balanced: 5 related and 4 unrelated pairs, half the weight each
+    related = F.binary_cross_entropy_with_logits(logits[target == 1], torch.ones(5))
+    unrelated = F.binary_cross_entropy_with_logits(logits[target == 0], torch.zeros(4))
+    assert torch.isclose(pairwise_label_loss(a, b, labels, 5.0, balanced=True), (related + unrelated) / 2)
+    one_label = torch.tensor([[1, 0]] * 4).float()  # no unrelated pair: the plain mean
+    assert torch.isclose(
+        pairwise_label_loss(a, b, one_label, 5.0, balanced=True), pairwise_label_loss(a, b, one_label, 5.0)
+    )
     assert pairwise_label_loss(a, b, None, 5.0) == 0 and pairwise_label_loss(a, b, torch.zeros(4, 2), 5.0) == 0
     a.requires_grad_(True)
     pairwise_label_loss(a, b, labels, 5.0).backward()

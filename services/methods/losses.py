@@ -141,11 +141,13 @@ def label_similarity(labels: torch.Tensor, target: str) -> tuple[torch.Tensor, t
 
 def pairwise_label_loss(
     a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None, scale: float, target: str = "shared",
-    bias: float = 0.0,
+    bias: float = 0.0, balanced: bool = False,
 ) -> torch.Tensor:
     """Mean BCE of sigmoid(scale * cos(a_i, b_j) + bias) against S_ij (:func:`label_similarity`) over every
     pair of rows whose labels are known; zero when no pair is. A negative ``bias`` moves the cosine that
     separates related from unrelated pairs above 0 (as SigLIP's bias does for its many negatives).
+    ``balanced``: the related and the unrelated pairs weigh half each, whatever their share of the batch
+    (each pair counts S_ij towards the related half and 1 - S_ij towards the unrelated one).
 
     Unlike a false-negative mask, this pulls label-sharing items together and pushes the rest apart
     across the whole batch (the label-supervised term of the evaluation notes' reference floor).
@@ -155,8 +157,14 @@ def pairwise_label_loss(
     similarity, known = label_similarity(labels.to(a.device), target)
     if not known.any():
         return a.new_zeros(())
-    logits = scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T) + bias
-    return F.binary_cross_entropy_with_logits(logits[known], similarity[known])
+    logits = (scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T) + bias)[known]
+    target = similarity[known]
+    related, unrelated = target.sum(), (1 - target).sum()
+    if not balanced or related == 0 or unrelated == 0:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return 0.5 * (
+        (target * F.softplus(-logits)).sum() / related + ((1 - target) * F.softplus(logits)).sum() / unrelated
+    )
 
 
 def feature_similarity(pair_feats: torch.Tensor, scale: float) -> torch.Tensor:

@@ -138,6 +138,7 @@ class LSCHParams(Section):
     label_weight: float = Field(50.0, ge=0)  # beside the similarity term; dev's choice, 3 seeds (docs/results.md)
     label_scale: float = Field(5.0, gt=0)  # sigmoid(label_scale * cosine + label_bias) is the pair's predicted relevance
     label_bias: float = 0.0  # < 0: unrelated pairs may rest at cosine 0 rather than below it
+    label_balanced: bool = False  # related and unrelated pairs weigh half each, whatever their share of the batch
     label_target: Literal["shared", "graded"] = "shared"  # any shared label = 1, or the label-vector cosine
     similarity_weight: float = Field(10.0, ge=0)  # code cosines onto the frozen features' joint cosine (0: off)
     similarity_scale: float = Field(1.5, gt=0)  # the feature cosine's scale before clipping (DJSRH's mu)
@@ -340,7 +341,8 @@ def hashing_loss(
             terms["similarity"] = terms["similarity"] + similarity_preserving_loss(ux, uy, feature_sim)
         if params.label_weight:
             terms["label"] = terms["label"] + pairwise_label_loss(
-                ux, uy, labels, params.label_scale, params.label_target, params.label_bias
+                ux, uy, labels, params.label_scale, params.label_target, params.label_bias,
+                params.label_balanced,
             )
         if known:
             terms["classification"] = terms["classification"] + classification_loss(
@@ -375,7 +377,9 @@ def embedding_alignment_loss(
     parts = {"contrastive_v": float(contrastive.detach())}
     loss = contrastive
     if params.label_weight:
-        label = pairwise_label_loss(vx, vy, labels, params.label_scale, params.label_target, params.label_bias)
+        label = pairwise_label_loss(
+            vx, vy, labels, params.label_scale, params.label_target, params.label_bias, params.label_balanced
+        )
         parts["label_v"] = float(label.detach())
         loss = loss + params.label_weight * label
     parts["total"] = float(loss.detach())
