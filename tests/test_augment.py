@@ -270,6 +270,19 @@ def test_copy_constrained_decoding_writes_only_whole_clauses_of_the_prompt_field
     assert prompt_source(prompts[0]).startswith("60-year-old woman with chest pain. Axial CT of the chest")
 
 
+def test_copy_constrained_decoding_begins_only_clauses_that_fit_the_token_budget():
+    from medhash.services.backbones.llm import tiny_causal_lm
+
+    model, tokenizer = tiny_causal_lm()
+    long_clause = "A lesion " + " ".join(["extending into the adjacent wall"] * 12) + "."
+    prompt = TEMPLATES["image_description"].fill({"Imaging": "Axial; CT.", "Findings": long_clause})
+    budget = 12
+    assert len(tokenizer(" " + long_clause, add_special_tokens=False)["input_ids"]) > budget
+    generator = LocalLMGenerator(model, tokenizer, "tiny", max_new_tokens=budget, temperature=0.0, batch_size=1, copy=True)
+    written = clauses_of(generator.generate([prompt])[0])
+    assert written and set(written) <= {"Axial", "CT"}  # the long clause never begun, so the view is not empty
+
+
 @pytest.mark.real
 def test_local_gemma_generates_clean_text():
     cfg = AugmentConfig(generator="local", decoding="free", max_new_tokens=16, batch_size=2)

@@ -243,11 +243,13 @@ class CopyConstraint:
 
     A clause is a run of the source's tokens up to and including a clause end (".", ",", ";"), so a
     negation stays with what it negates ("No dominant prostate mass is evident."). Every word written is
-    the source's; the model decides which clauses each template keeps and in what order.
+    the source's; the model decides which clauses each template keeps and in what order. A clause is only
+    begun when it fits in what is left of ``max_new_tokens`` (a clause cut by the budget would be dropped,
+    and a long first clause left the whole view empty).
     """
 
-    def __init__(self, tokenizer, sources: list[str], prompt_length: int):
-        self.prompt_length, self.end = prompt_length, tokenizer.eos_token_id
+    def __init__(self, tokenizer, sources: list[str], prompt_length: int, max_new_tokens: int):
+        self.prompt_length, self.end, self.budget = prompt_length, tokenizer.eos_token_id, max_new_tokens
         ends = {tokenizer.convert_tokens_to_ids(mark) for mark in _CLAUSE_END}
         self.clauses: list[list[list[int]]] = []
         for source in sources:
@@ -263,18 +265,23 @@ class CopyConstraint:
         clauses = self.clauses[row]
         used: set[int] = set()
         open_clauses = None  # (clause, tokens copied) of the clause being written; None: between clauses
-        for token in input_ids[self.prompt_length:].tolist():
+        written = input_ids[self.prompt_length:].tolist()
+        for position, token in enumerate(written):
             if open_clauses is None:
-                open_clauses = [(c, 0) for c in range(len(clauses)) if c not in used]
+                open_clauses = [(c, 0) for c in self._fitting(clauses, used, position)]
             open_clauses = [(c, k + 1) for c, k in open_clauses if k < len(clauses[c]) and clauses[c][k] == token]
             done = [c for c, k in open_clauses if k == len(clauses[c])]
             if done:
                 used.add(done[0])
                 open_clauses = None
         if open_clauses is None:
-            starts = sorted({clauses[c][0] for c in range(len(clauses)) if c not in used})
+            starts = sorted({clauses[c][0] for c in self._fitting(clauses, used, len(written))})
             return starts + [self.end] if used else starts or [self.end]
         return sorted({clauses[c][k] for c, k in open_clauses}) or [self.end]
+
+    def _fitting(self, clauses: list[list[int]], used: set[int], position: int) -> list[int]:
+        """The unused clauses that, begun at ``position``, end within the token budget."""
+        return [c for c in range(len(clauses)) if c not in used and position + len(clauses[c]) <= self.budget]
 
 
 class LocalLMGenerator:
@@ -310,7 +317,8 @@ class LocalLMGenerator:
             decoding = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
             if self.copy:  # copies repeat the prompt's n-grams by design; each clause is used once instead
                 decoding["prefix_allowed_tokens_fn"] = CopyConstraint(
-                    self.tokenizer, [prompt_source(p) for p in chunk], batch["input_ids"].shape[1])
+                    self.tokenizer, [prompt_source(p) for p in chunk], batch["input_ids"].shape[1],
+                    self.max_new_tokens)
             else:
                 decoding |= {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
             out = self.model.generate(
