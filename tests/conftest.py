@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(os.environ.get("MEDHASH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# Ray waits 30 s for a new head's GCS to bind its port; on 2 busy cores, just after the previous test's cluster
+# shut down, one start in a CI run took longer. The tests start many local clusters, so they wait up to 120 s.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 
 def free_port() -> int:
