@@ -31,7 +31,7 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
 - ``supervised-label-bias``: a bias in the label term's logits, so that unrelated pairs need not be pushed below
   cosine 0, which the codes do by splitting bits by modality (on for images, off for texts);
-  ``supervised-label-balance``: the related and the unrelated pairs weigh half each in the label term, so neither
+- ``supervised-label-balance``: the related and the unrelated pairs weigh half each in the label term, so neither
   the many unrelated pairs of MedPix nor the many related ones of COVID set the codes' cosines on their own;
 - ``augmentation-views``: training on the extractive text views or on the views the LLM wrote under the copy
   constraint and the grounding check (``medhash augment --generator local`` first: the cache holds them);

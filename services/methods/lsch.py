@@ -58,7 +58,8 @@ Per code length K, summed over the model's code lengths:
   scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j) + label_bias), S_ij), with S_ij 1 for
   pairs that share a label ("shared") or the cosine of the label vectors ("graded", so the same
   region with another diagnosis is a weaker match than the same diagnosis); unlike the false-negative
-  mask, it pushes apart what the labels separate. In stage A it acts on v^x, v^y as well.
+  mask, it pushes apart what the labels separate. With ``label_balanced`` the related and the unrelated
+  pairs weigh half each, whatever their share of the batch. In stage A it acts on v^x, v^y as well.
 - **classification** (weight gamma, ``classification_weight``; off by default): a linear classifier
   per code length predicts each item's labels from u^x and u^y (binary cross-entropy over items with
   labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes.
