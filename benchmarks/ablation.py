@@ -38,6 +38,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
   term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
+- ``label-free-regions``: the label term on the body regions the mined anatomy terms lie in (the lexicon's
+  ``region`` section), which name fewer, broader classes than the anatomy terms themselves;
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
 
@@ -146,6 +148,12 @@ STUDIES = {
         "the config (tau 1)": {},
         "findings in S_ma, alpha 0.5": {"alpha": 0.5},
         "the same findings are not negatives": {"false_negatives": "same_labels"},
+    },
+    "label-free-regions": {  # label-free configs: the label term on the body regions of the mined anatomy terms
+        "regions, label weight 20": {"train.findings_categories": ("region",), "label_weight": 20.0},
+        "regions, the supervised recipe (label weight 50, similarity weight 10, tau 0.1)": {
+            "train.findings_categories": ("region",), "label_weight": 50.0, "similarity_weight": 10.0, "tau": 0.1,
+        },
     },
     "similarity-weight": {  # the label-free term: codes keep the frozen features' joint cosine (0: off)
         f"similarity weight {weight:g}": {"similarity_weight": weight} for weight in (0.0, 1.0, 5.0, 20.0)

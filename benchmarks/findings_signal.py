@@ -19,7 +19,7 @@ from medhash.services.features.featureset import build_featureset
 from medhash.services.findings import FindingMiner, findings_matrix
 from medhash.training.trainer import with_resolved_data
 
-CATEGORIES = (("anatomy",), ("finding",), ("diagnosis",), ("anatomy", "finding", "diagnosis"))
+CATEGORIES = (("anatomy",), ("region",), ("finding",), ("diagnosis",), ("anatomy", "finding", "diagnosis"))
 
 
 def findings_signal(config: Path) -> str:

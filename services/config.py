@@ -100,7 +100,7 @@ class TrainConfig(Section):
     supervision: Literal["labels", "findings"] = "labels"
     # the mined categories a label-free run trains on and chooses its epoch by (docs/results.md, "Label-free LSCH:
     # a soft instance term": anatomy terms track MedPix's labels, "finding" terms such as mass do not)
-    findings_categories: tuple[Literal["anatomy", "finding", "diagnosis"], ...] = Field(
+    findings_categories: tuple[Literal["anatomy", "finding", "diagnosis", "region"], ...] = Field(
         ("anatomy", "finding", "diagnosis"), min_length=1
     )
 

@@ -30,6 +30,7 @@ import yaml
 log = logging.getLogger(__name__)
 LEXICON = Path(__file__).with_name("findings_lexicon.yaml")
 CATEGORIES = ("diagnosis", "finding", "anatomy")  # the order findings are listed in
+REGION = "region"  # the body regions the anatomy terms lie in: a coarser category label-free runs may train on
 NEGATABLE = ("diagnosis", "finding")
 EMPTY, NOT_ENGLISH, NO_TERMS = "empty", "not English", "no finding terms (boilerplate or wording the lexicon lacks)"
 REASONS = (EMPTY, NOT_ENGLISH, NO_TERMS)
@@ -105,8 +106,9 @@ class FindingMiner:
 
     def __init__(self, lexicon: Path = LEXICON):
         raw = yaml.safe_load(Path(lexicon).read_text(encoding="utf-8"))
-        if not isinstance(raw, dict) or set(raw) - set(CATEGORIES):
-            raise ValueError(f"{lexicon}: expected the sections {', '.join(CATEGORIES)}")
+        if not isinstance(raw, dict) or set(raw) - {*CATEGORIES, REGION}:
+            raise ValueError(f"{lexicon}: expected the sections {', '.join(CATEGORIES)} and optionally {REGION}")
+        regions = raw.pop(REGION, None) or {}
         self.category: dict[str, str] = {}  # canonical term -> category
         self.canonical: dict[str, str] = {}  # lower-case spelling -> canonical term
         for category, entries in raw.items():
@@ -116,6 +118,13 @@ class FindingMiner:
                 for spelling in (term, *(str(o).lower() for o in others or ())):
                     for form in (spelling, _plural(spelling)):
                         self.canonical.setdefault(form, term)
+        self.region: dict[str, str] = {}  # anatomy term -> the body region it lies in
+        for region, terms in regions.items():
+            for term in terms or ():
+                term = str(term).lower()
+                if self.category.get(term) != "anatomy" or term in self.region:
+                    raise ValueError(f"{lexicon}: {REGION}.{region}: {term!r} is not an anatomy term of one region")
+                self.region[term] = str(region).lower()
 
     @cached_property
     def nlp(self):
@@ -233,13 +242,19 @@ def findings_labels(miner: FindingMiner, reports: Sequence[str], fit: np.ndarray
 def findings_matrix(miner: FindingMiner, mined: Sequence[MinedText], fit: np.ndarray, categories: Iterable[str],
                     min_reports: int = 2) -> tuple[np.ndarray, tuple[str, ...]]:
     """:func:`findings_labels` of reports mined already (``miner.mine_all``), so one mining serves several
-    choices of ``categories``."""
+    choices of ``categories`` ("region": the body regions of the anatomy terms stated)."""
     kept = set(categories)
-    present = [{term for term in report.positive if miner.category[term] in kept} for report in mined]
-    counts = Counter(term for row in fit for term in present[row])
-    terms = ordered((t for t, n in counts.items() if n >= min_reports), miner.category)
-    column = {term: j for j, term in enumerate(terms)}
-    matrix = np.zeros((len(present), len(terms)), dtype=np.uint8)
+    present = [
+        {f"{miner.category[t]}:{t}" for t in report.positive if miner.category[t] in kept}
+        | ({f"{REGION}:{miner.region[t]}" for t in report.positive if t in miner.region} if REGION in kept else set())
+        for report in mined
+    ]
+    counts = Counter(name for row in fit for name in present[row])
+    order = (*CATEGORIES, REGION)
+    names = sorted((n for n, c in counts.items() if c >= min_reports),
+                   key=lambda name: (order.index(name.split(":", 1)[0]), name))
+    column = {name: j for j, name in enumerate(names)}
+    matrix = np.zeros((len(present), len(names)), dtype=np.uint8)
     for row, found in enumerate(present):
-        matrix[row, [column[t] for t in found if t in column]] = 1
-    return matrix, tuple(f"{miner.category[t]}:{t}" for t in terms)
+        matrix[row, [column[n] for n in found if n in column]] = 1
+    return matrix, tuple(names)
