@@ -112,3 +112,20 @@ def test_mined_findings_become_labels_from_the_training_rows_only(miner):
     assert matrix.tolist() == [[0, 1, 0], [1, 1, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0], [0, 1, 0]]
     matrix, names = findings_labels(miner, reports, fit=np.arange(4), categories=("anatomy",))
     assert names == ("anatomy:lung",) and matrix[:, 0].tolist() == [0, 1, 1, 0, 0, 0]
+
+
+def test_anatomy_terms_give_their_body_regions(miner):
+    reports = ["Hepatic cyst and a renal stone.", "Splenic laceration.", "Lung mass.", "Cerebellar infarct.",
+               "Aortic dissection."]  # a vessel lies in no one region
+    matrix, names = findings_labels(miner, reports, fit=np.arange(5), categories=("region",), min_reports=1)
+    assert names == ("region:abdomen", "region:chest", "region:head")
+    assert matrix.tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]
+    _, both = findings_labels(miner, reports, fit=np.arange(5), categories=("anatomy", "region"), min_reports=1)
+    assert "anatomy:lung" in both and "region:chest" in both  # a term and its region are two labels
+
+
+def test_a_region_of_a_term_that_is_not_anatomy_is_refused(tmp_path):
+    lexicon = tmp_path / "lexicon.yaml"
+    lexicon.write_text("diagnosis:\n  pneumonia: []\nanatomy:\n  lung: []\nregion:\n  chest: [lung, pneumonia]\n")
+    with pytest.raises(ValueError, match="region.chest: 'pneumonia' is not an anatomy term"):
+        FindingMiner(lexicon)
