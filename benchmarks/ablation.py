@@ -134,6 +134,7 @@ STUDIES = {
     "augmentation-views": {  # stage 1: which text views training swaps in for the reports (the configs: none)
         "extractive views": {"augment.use_views": True, "augment.generator": "extractive"},
         "grounded LLM views": {"augment.use_views": True, "augment.generator": "local"},
+        "both": {"augment.use_views": True, "augment.generator": "local", "augment.also_extractive": True},
     },
     "supervised-label-balance": {  # supervised configs: related and unrelated pairs weigh half each in the label term
         "balanced label term": {"label_balanced": True},

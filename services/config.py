@@ -108,8 +108,11 @@ class TrainConfig(Section):
 class AugmentConfig(Section):
     """Stage 1, LLM data augmentation: which generator writes the prompt templates' text views."""
 
-    use_views: bool = True  # train on the augmented views (off: the reports only; the "augmentation off" ablation)
-    generator: Literal["extractive", "local", "openai"] = "extractive"  # "local": the `llm` section's LM
+    # train on the augmented views (off: the reports only); off by default: on MedPix dev (3 seeds) no views paid
+    # beside the label term (docs/results.md, "Grounded LLM views in training")
+    use_views: bool = False
+    generator: Literal["extractive", "local", "openai"] = "local"  # "local": the `llm` section's LM, at full depth
+    also_extractive: bool = False  # training swaps in the extractive views too, beside the generator's
     endpoint: str = "http://127.0.0.1:8000"  # "openai": OpenAI-compatible server (vLLM, Ollama, TGI)
     model: str = ""  # "openai": the model name the server serves
     api_key_env: str = "MEDHASH_LLM_API_KEY"  # "openai": environment variable holding the API key
@@ -124,6 +127,17 @@ class AugmentConfig(Section):
         "image_description", "report_summary", "joint_reasoning"
     )
     batch_size: int = Field(8, ge=1)  # prompts per LM batch; requests in flight for "openai"
+
+    @model_validator(mode="after")
+    def _generators(self) -> AugmentConfig:
+        if self.also_extractive and self.generator == "extractive":
+            raise ValueError("also_extractive: the generator is the extractive one already")
+        return self
+
+    def generators(self) -> tuple[AugmentConfig, ...]:
+        """One section per generator whose views training swaps in: this one, then the extractive one if asked."""
+        extractive = (self.model_copy(update={"generator": "extractive", "also_extractive": False}),)
+        return (self,) + (extractive if self.also_extractive else ())
 
 
 class IndexConfig(Section):

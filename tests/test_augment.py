@@ -174,7 +174,7 @@ def test_extractive_outputs_on_report_styles():
 
 
 def test_cache_resumes_after_interrupt_and_tolerates_a_truncated_line():
-    dataset, cfg = small_dataset(6), AugmentConfig(batch_size=2)
+    dataset, cfg = small_dataset(6), AugmentConfig(generator="extractive", batch_size=2)
     interrupted = Interrupting(stop_at=3)  # two batches of image descriptions done, then Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         run_augmentation(dataset, cfg, LLMConfig(), progress=False, generator=interrupted)
@@ -194,7 +194,7 @@ def test_cache_resumes_after_interrupt_and_tolerates_a_truncated_line():
 
 
 def test_template_version_and_input_are_part_of_the_key(monkeypatch):
-    dataset, cfg = small_dataset(3), AugmentConfig()
+    dataset, cfg = small_dataset(3), AugmentConfig(generator="extractive")
     first = augment_dataset(dataset, cfg, LLMConfig(), progress=False)
     bumped = dataclasses.replace(TEMPLATES["report_summary"], version="2")
     monkeypatch.setitem(TEMPLATES, "report_summary", bumped)
@@ -208,16 +208,26 @@ def test_template_version_and_input_are_part_of_the_key(monkeypatch):
     assert "Large mass." in run.texts["item-0"]["report_summary"]
 
 
+def test_training_reads_the_generators_views_and_the_extractive_ones_when_asked():
+    from medhash.services.config import load_config
+
+    assert [s.generator for s in AugmentConfig().generators()] == ["local"]  # an LLM writes the views by default
+    both = AugmentConfig(generator="openai", model="m", also_extractive=True).generators()
+    assert [(s.generator, s.model) for s in both] == [("openai", "m"), ("extractive", "m")]
+    with pytest.raises(ConfigError, match="also_extractive: the generator is the extractive one already"):
+        load_config(None, {"augment.generator": "extractive", "augment.also_extractive": True})
+
+
 def test_bad_items_are_reported_and_skipped():
     dataset = small_dataset(2)
     dataset.items.append(dataclasses.replace(MEDPIX_STYLE, id="empty", report="", sections={}))
-    run = run_augmentation(dataset, AugmentConfig(templates=("report_summary",)), LLMConfig(), progress=False)
+    run = run_augmentation(dataset, AugmentConfig(generator="extractive", templates=("report_summary",)), LLMConfig(), progress=False)
     assert set(run.texts) == {"item-0", "item-1"}
     assert run.problems == ["1 items without report text, skipped (first: empty)"]
 
 
 def test_corrupt_cache_line_is_a_clear_error():
-    dataset, cfg = small_dataset(2), AugmentConfig()
+    dataset, cfg = small_dataset(2), AugmentConfig(generator="extractive")
     augment_dataset(dataset, cfg, LLMConfig(), progress=False)
     path = cache_path("unit", ExtractiveGenerator.key)
     lines = path.read_text().splitlines()
@@ -471,13 +481,14 @@ def test_extractive_on_medpix_and_cli(shared_data, capsys):
     from medhash.services.data import open_dataset
 
     dataset = open_dataset(DataConfig(dataset="medpix2", root=shared_data / "medpix2"), pairs_only=False)
-    texts = augment_dataset(dataset, AugmentConfig(), LLMConfig(), progress=False)
+    texts = augment_dataset(dataset, AugmentConfig(generator="extractive"), LLMConfig(), progress=False)
     assert len(texts) == sum(1 for it in dataset.items if it.report.strip()) > 2000
     assert all(len(views) == 3 and all(v.strip() for v in views.values()) for views in texts.values())
     negated = [it for it in dataset.items if re.match(r"No [a-z]+ [a-z]+\.$", it.report)]
     for item in negated:  # a caption that only says what is absent describes no abnormality
         assert texts[item.id]["image_description"].endswith("No abnormality is described.")
 
-    argv = ["augment", "--dataset", "medpix2", "--root", str(shared_data / "medpix2"), "--limit", "5"]
+    argv = ["augment", "--dataset", "medpix2", "--root", str(shared_data / "medpix2"), "--limit", "5",
+            "--generator", "extractive"]
     assert main(argv) == 0
     assert "5 items, 0 texts generated, 15 from cache" in capsys.readouterr().out

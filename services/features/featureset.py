@@ -104,22 +104,25 @@ def build_featureset(cfg: MedhashConfig, dataset: Dataset | None = None, progres
 
 
 def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
-    """Features of each augmented text view; an item without a view falls back to its report."""
+    """Features of each augmented text view (each template of each generator training reads); an item without
+    a view falls back to its report."""
     from medhash.services.augment import augment_dataset
     from medhash.services.augment.generators import generator_key
     from medhash.services.features.cache import FeatureCache, extract_text_features
 
-    augmented = augment_dataset(dataset, cfg.augment, cfg.llm, progress=progress)
-    names = list(cfg.augment.templates)
-    views = np.repeat(report_features[:, None, :], len(names), axis=1).copy()
+    sections = cfg.augment.generators()
+    columns = [(section, template) for section in sections for template in section.templates]
+    names = [f"{section.generator}:{template}" if len(sections) > 1 else template for section, template in columns]
+    augmented = {s.generator: augment_dataset(dataset, s, cfg.llm, progress=progress) for s in sections}
+    views = np.repeat(report_features[:, None, :], len(columns), axis=1).copy()
     position = {item_id: r for r, item_id in enumerate(ids)}
-    for v, name in enumerate(names):
-        have = [i for i in ids if augmented.get(i, {}).get(name, "").strip()]
-        found, matrix = extract_text_features(
-            have, [augmented[i][name] for i in have], text_encoder,
-            FeatureCache.for_encoder(dataset.name, text_encoder, f"augment:{name}:{generator_key(cfg.augment, cfg.llm)}"),
-            progress=progress,
-        )
+    for v, (section, template) in enumerate(columns):
+        texts = augmented[section.generator]
+        have = [i for i in ids if texts.get(i, {}).get(template, "").strip()]
+        view = f"augment:{template}:{generator_key(section, cfg.llm)}"  # the feature cache's text name
+        cache = FeatureCache.for_encoder(dataset.name, text_encoder, view)
+        found, matrix = extract_text_features(have, [texts[i][template] for i in have], text_encoder, cache,
+                                              progress=progress)
         for item_id, row in zip(found, matrix):
             views[position[item_id], v] = row
     return names, views.astype(np.float32)
