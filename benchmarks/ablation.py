@@ -132,6 +132,7 @@ STUDIES = {
         f"label bias {bias:g}": {"label_bias": bias} for bias in (-1.25, -2.5)
     },
     "augmentation-views": {  # stage 1: which text views training swaps in for the reports (the configs: none)
+        "no views (the configs)": {"augment.use_views": False},
         "extractive views": {"augment.use_views": True, "augment.generator": "extractive"},
         "grounded LLM views": {"augment.use_views": True, "augment.generator": "local"},
         "both": {"augment.use_views": True, "augment.generator": "local", "augment.also_extractive": True},
@@ -152,6 +153,10 @@ STUDIES = {
     },
     "label-free-regions": {  # label-free configs: the label term on the body regions of the mined anatomy terms
         "regions, label weight 20": {"train.findings_categories": ("region",), "label_weight": 20.0},
+        "regions, label weight 20, balanced": {
+            "train.findings_categories": ("region",), "label_weight": 20.0, "label_balanced": True,
+        },
+        "regions, label weight 5": {"train.findings_categories": ("region",), "label_weight": 5.0},
         "regions, the supervised recipe (label weight 50, similarity weight 10, tau 0.1)": {
             "train.findings_categories": ("region",), "label_weight": 50.0, "similarity_weight": 10.0, "tau": 0.1,
         },
