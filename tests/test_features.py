@@ -184,3 +184,28 @@ def test_medpix2_features_with_the_real_backbones(shared_data, tmp_path, capsys)
     with torch.inference_mode():
         direct = encoder(encoder.preprocess(load_image(first.image_paths[0])).unsqueeze(0))[0].numpy()
     np.testing.assert_allclose(rows[first.id], direct, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.real
+def test_training_views_from_the_llm_and_the_extractive_generator(shared_data):
+    """A few MedPix items' views as training reads them with ``augment.also_extractive``: one column per
+    generator and template, the offline Gemma's (full depth, copy-constrained) first, then the extractive ones."""
+    from dataclasses import replace
+
+    from medhash.services.data import open_dataset
+    from medhash.services.features.featureset import build_featureset
+
+    cfg = load_config(Path(__file__).parents[1] / "training" / "configs" / "medpix2-lsch.yaml", {
+        "data.root": shared_data / "medpix2", "augment.use_views": True, "augment.also_extractive": True,
+        "augment.templates": ["image_description", "report_summary"], "augment.batch_size": 3,
+    })
+    dataset = open_dataset(cfg.data)
+    few = replace(dataset, items=[item for item in dataset.items if item.split == "train"][:3])
+    features = build_featureset(cfg, few, progress=False)
+
+    templates = cfg.augment.templates
+    assert features.view_names == tuple(f"{g}:{t}" for g in ("local", "extractive") for t in templates)
+    assert features.views.shape == (3, 2 * len(templates), features.text.shape[1])
+    llm, extractive = features.views[:, :len(templates)], features.views[:, len(templates):]
+    assert np.isfinite(features.views).all() and not np.allclose(llm, extractive, atol=1e-3)
+    assert (np.abs(features.views - features.text[:, None]).max(axis=2) > 1e-3).mean() > 0.5  # mostly not the report
