@@ -158,9 +158,9 @@ STUDIES = {
         },
         "regions, label weight 5": {"train.findings_categories": ("region",), "label_weight": 5.0},
         **{
-            f"regions of the report and the case's findings, label weight {weight:g}": {
+            f"regions of the report and the case's findings, label weight {weight:g}, balanced": {
                 "train.findings_categories": ("region",), "train.findings_sections": ("findings",),
-                "label_weight": weight,
+                "label_weight": weight, "label_balanced": True,
             }
             for weight in (20.0, 5.0)
         },
