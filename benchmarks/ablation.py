@@ -29,12 +29,11 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   codes and dropout on the frozen features were measured here too, and a heavier bit-balance term in a study of
   its own; all three were removed: docs/results.md);
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
-- ``supervised-label-bias``: a bias in the label term's logits, so that unrelated pairs need not be pushed below
-  cosine 0, which the codes do by splitting bits by modality (on for images, off for texts);
 - ``supervised-label-balance``: the related and the unrelated pairs weigh half each in the label term, so neither
-  the many unrelated pairs of MedPix nor the many related ones of COVID set the codes' cosines on their own;
-- ``augmentation-views``: training on the extractive text views or on the views the LLM wrote under the copy
-  constraint and the grounding check (``medhash augment --generator local`` first: the cache holds them);
+  the many unrelated pairs of MedPix nor the many related ones of COVID set the codes' cosines on their own
+  (a bias in the label term's logits was measured here too, and removed: docs/results.md);
+- ``augmentation-views``: no views, the extractive text views, the views the LLM wrote under the copy constraint
+  and the grounding check (``medhash augment`` first: the cache holds them), or both;
 - ``label-free``: the temperature and the findings categories that paid on dev, together;
 - ``label-free-findings-use``: the mined findings where labels would go besides the label term: in the manifold
   term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
@@ -127,9 +126,6 @@ STUDIES = {
         "similarity weight 3": {"similarity_weight": 3.0},
         "similarity weight 10": {"similarity_weight": 10.0},
         "similarity weight 10, label weight 50": {"similarity_weight": 10.0, "label_weight": 50.0},
-    },
-    "supervised-label-bias": {  # supervised configs: the label term's bias, against bits split by modality
-        f"label bias {bias:g}": {"label_bias": bias} for bias in (-1.25, -2.5)
     },
     "augmentation-views": {  # stage 1: which text views training swaps in for the reports (the configs: none)
         "no views (the configs)": {"augment.use_views": False},

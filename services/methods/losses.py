@@ -141,11 +141,10 @@ def label_similarity(labels: torch.Tensor, target: str) -> tuple[torch.Tensor, t
 
 def pairwise_label_loss(
     a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None, scale: float, target: str = "shared",
-    bias: float = 0.0, balanced: bool = False,
+    balanced: bool = False,
 ) -> torch.Tensor:
-    """Mean BCE of sigmoid(scale * cos(a_i, b_j) + bias) against S_ij (:func:`label_similarity`) over every
-    pair of rows whose labels are known; zero when no pair is. A negative ``bias`` moves the cosine that
-    separates related from unrelated pairs above 0 (as SigLIP's bias does for its many negatives).
+    """Mean BCE of sigmoid(scale * cos(a_i, b_j)) against S_ij (:func:`label_similarity`) over every
+    pair of rows whose labels are known; zero when no pair is.
     ``balanced``: the related and the unrelated pairs weigh half each, whatever their share of the batch
     (each pair counts S_ij towards the related half and 1 - S_ij towards the unrelated one).
 
@@ -157,7 +156,7 @@ def pairwise_label_loss(
     similarity, known = label_similarity(labels.to(a.device), target)
     if not known.any():
         return a.new_zeros(())
-    logits = (scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T) + bias)[known]
+    logits = (scale * (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T))[known]
     target = similarity[known]
     related, unrelated = target.sum(), (1 - target).sum()
     if not balanced or related == 0 or unrelated == 0:

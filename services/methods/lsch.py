@@ -55,7 +55,7 @@ Per code length K, summed over the model's code lengths:
   or higher; on COVID's dev split it made no difference (docs/results.md).
 - **quantisation** |u| -> 1 and **bit balance** (each bit's batch mean -> 0).
 - **label** (weight ``label_weight``, 50 by default): every cross-modal pair (i, j) of the batch
-  scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j) + label_bias), S_ij), with S_ij 1 for
+  scored against its labels, BCE(sigmoid(label_scale * cos(u^x_i, u^y_j)), S_ij), with S_ij 1 for
   pairs that share a label ("shared") or the cosine of the label vectors ("graded", so the same
   region with another diagnosis is a weaker match than the same diagnosis); unlike the false-negative
   mask, it pushes apart what the labels separate. With ``label_balanced`` the related and the unrelated
@@ -137,8 +137,7 @@ class LSCHParams(Section):
     classification_weight: float = Field(0.0, ge=0)  # gamma: codes linearly predict the labels (0: off)
     # the pairwise label term: every cross-modal pair of the batch scored against its labels (0: off)
     label_weight: float = Field(50.0, ge=0)  # beside the similarity term; dev's choice, 3 seeds (docs/results.md)
-    label_scale: float = Field(5.0, gt=0)  # sigmoid(label_scale * cosine + label_bias) is the pair's predicted relevance
-    label_bias: float = 0.0  # < 0: unrelated pairs may rest at cosine 0 rather than below it
+    label_scale: float = Field(5.0, gt=0)  # sigmoid(label_scale * cosine) is the pair's predicted relevance
     label_balanced: bool = False  # related and unrelated pairs weigh half each, whatever their share of the batch
     label_target: Literal["shared", "graded"] = "shared"  # any shared label = 1, or the label-vector cosine
     similarity_weight: float = Field(10.0, ge=0)  # code cosines onto the frozen features' joint cosine (0: off)
@@ -342,8 +341,7 @@ def hashing_loss(
             terms["similarity"] = terms["similarity"] + similarity_preserving_loss(ux, uy, feature_sim)
         if params.label_weight:
             terms["label"] = terms["label"] + pairwise_label_loss(
-                ux, uy, labels, params.label_scale, params.label_target, params.label_bias,
-                params.label_balanced,
+                ux, uy, labels, params.label_scale, params.label_target, params.label_balanced,
             )
         if known:
             terms["classification"] = terms["classification"] + classification_loss(
@@ -379,7 +377,7 @@ def embedding_alignment_loss(
     loss = contrastive
     if params.label_weight:
         label = pairwise_label_loss(
-            vx, vy, labels, params.label_scale, params.label_target, params.label_bias, params.label_balanced
+            vx, vy, labels, params.label_scale, params.label_target, params.label_balanced
         )
         parts["label_v"] = float(label.detach())
         loss = loss + params.label_weight * label
