@@ -153,10 +153,6 @@ STUDIES = {
             "train.findings_categories": ("region",), "label_weight": 20.0, "label_balanced": True,
         },
         "regions, label weight 5": {"train.findings_categories": ("region",), "label_weight": 5.0},
-        "regions of the report and the case's findings, label weight 20, balanced": {
-            "train.findings_categories": ("region",), "train.findings_sections": ("findings",),
-            "label_weight": 20.0, "label_balanced": True,
-        },
         "regions, the supervised recipe (label weight 50, similarity weight 10, tau 0.1)": {
             "train.findings_categories": ("region",), "label_weight": 50.0, "similarity_weight": 10.0, "tau": 0.1,
         },

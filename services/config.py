@@ -103,9 +103,6 @@ class TrainConfig(Section):
     findings_categories: tuple[Literal["anatomy", "finding", "diagnosis", "region"], ...] = Field(
         ("anatomy", "finding", "diagnosis"), min_length=1
     )
-    # sections of each item mined beside its report (MedPix: "findings", the case's findings; the item's
-    # `sections`): more items then state an anatomy term (docs/results.md, "Label-free LSCH: body regions")
-    findings_sections: tuple[str, ...] = ()
 
 
 class AugmentConfig(Section):

@@ -25,7 +25,7 @@ from medhash.services.codes import hamming_distances, load_codes_npz, unpack_cod
 from medhash.services.config import load_config
 from medhash.services.errors import ConfigError
 from medhash.services.evaluation.protocols import evaluate
-from medhash.services.features.featureset import build_featureset, supervised_by_findings
+from medhash.services.features.featureset import build_featureset
 from medhash.services.methods.lsch import LSCH
 from medhash.services.evaluation.metrics import label_relevance, retrieval_metrics
 from medhash.services.evaluation.run import evaluate_run
@@ -122,18 +122,6 @@ def test_label_free_lsch_trains_on_mined_findings_and_beats_random_codes(shared_
     for direction in ("i2t", "t2i"):
         assert results["bits"]["32"]["labels"][direction]["map@all"] > baseline + 0.03  # measured: +0.046 (i2t), 5 random seeds
 
-
-@pytest.mark.real
-def test_label_free_mining_reads_the_named_sections_beside_the_report(shared_data, tiny_features):
-    from medhash.services.data import open_dataset
-
-    dataset = open_dataset(tiny_config(shared_data).data)
-    caption_only = supervised_by_findings(tiny_features, dataset, ("region",))
-    with_case = supervised_by_findings(tiny_features, dataset, ("region",), ("findings",))  # the case's findings
-    assert set(caption_only.label_names) <= set(with_case.label_names)
-    assert with_case.labels.any(axis=1).mean() > caption_only.labels.any(axis=1).mean()  # more items state a region
-    with pytest.raises(ConfigError, match=r"no medpix2 item has the section\(s\) impression"):
-        supervised_by_findings(tiny_features, dataset, ("region",), ("impression",))
 
 @pytest.mark.real
 def test_lsch_reading_the_reports_trains_on_ray_and_beats_random_codes(shared_data, ray_cluster, tmp_path):

@@ -14,7 +14,6 @@ import numpy as np
 from medhash.services.config import MedhashConfig
 from medhash.services.data import open_dataset
 from medhash.services.data.item import Dataset
-from medhash.services.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +128,13 @@ def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
     return names, views.astype(np.float32)
 
 
-def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: Iterable[str],
-                           sections: Iterable[str] = ()) -> FeatureSet:
+def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: Iterable[str]) -> FeatureSet:
     """``features`` with its labels replaced by the findings of ``categories`` mined from each item's report
-    and its ``sections`` (vocabulary from the train split): what a label-free run trains on
-    (``train.supervision: findings``)."""
+    (vocabulary from the train split): what a label-free run trains on (``train.supervision: findings``)."""
     from medhash.services.findings import FindingMiner, findings_labels
 
-    sections = tuple(sections)
-    known = {name for item in dataset.items for name in item.sections}
-    if missing := [name for name in sections if name not in known]:
-        raise ConfigError(f"train.findings_sections: no {dataset.name} item has the section(s) {', '.join(missing)} "
-                          f"(its sections: {', '.join(sorted(known)) or 'none'})")
-    texts = {item.id: "\n".join([item.report, *(item.sections.get(name, "") for name in sections)])
-             for item in dataset.items}
-    labels, names = findings_labels(FindingMiner(), [texts[i] for i in features.ids], features.rows("train"),
+    reports = {item.id: item.report for item in dataset.items}
+    labels, names = findings_labels(FindingMiner(), [reports[i] for i in features.ids], features.rows("train"),
                                     categories)
     log.info("%s: supervised by %d mined findings instead of its %d labels", features.dataset, len(names),
              len(features.label_names))
