@@ -39,6 +39,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   term's S_ma (alpha > 0) and as false negatives (an item with the same findings is not pushed away);
 - ``label-free-regions``: the label term on the body regions the mined anatomy terms lie in (the lexicon's
   ``region`` section), which name fewer, broader classes than the anatomy terms themselves;
+- ``label-free-regions-plus``: beside the regions of the label-free config, the diagnosis terms (MedPix's labels are
+  a region or a topic), the extractive views, or the similarity term;
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
 
@@ -156,6 +158,11 @@ STUDIES = {
         "regions, the supervised recipe (label weight 50, similarity weight 10, tau 0.1)": {
             "train.findings_categories": ("region",), "label_weight": 50.0, "similarity_weight": 10.0, "tau": 0.1,
         },
+    },
+    "label-free-regions-plus": {  # label-free configs on regions (the config now): what else the findings may add
+        "regions and diagnoses": {"train.findings_categories": ("region", "diagnosis")},
+        "regions, extractive views": {"augment.use_views": True, "augment.generator": "extractive"},
+        "regions, similarity weight 1": {"similarity_weight": 1.0},
     },
     "similarity-weight": {  # the label-free term: codes keep the frozen features' joint cosine (0: off)
         f"similarity weight {weight:g}": {"similarity_weight": weight} for weight in (0.0, 1.0, 5.0, 20.0)
