@@ -29,6 +29,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
   codes and dropout on the frozen features were measured here too, and a heavier bit-balance term in a study of
   its own; all three were removed: docs/results.md);
 - ``supervised-similarity``: the similarity term's weight with labels, and a heavier label term beside it;
+- ``supervised-hard-negatives``: plain InfoNCE instead of the negatives re-weighted by difficulty, beside the label
+  term (the 16-epoch stage ablation found the re-weighting level or behind);
 - ``supervised-label-balance``: the related and the unrelated pairs weigh half each in the label term, so neither
   the many unrelated pairs of MedPix nor the many related ones of COVID set the codes' cosines on their own
   (a bias in the label term's logits was measured here too, and removed: docs/results.md);
@@ -134,6 +136,9 @@ STUDIES = {
         "extractive views": {"augment.use_views": True, "augment.generator": "extractive"},
         "grounded LLM views": {"augment.use_views": True, "augment.generator": "local"},
         "both": {"augment.use_views": True, "augment.generator": "local", "augment.also_extractive": True},
+    },
+    "supervised-hard-negatives": {  # supervised configs: the stage that re-weights the negatives by difficulty
+        "w/o hard-negative mining": {"hard_negative_mining": False},
     },
     "supervised-label-balance": {  # supervised configs: related and unrelated pairs weigh half each in the label term
         "balanced label term": {"label_balanced": True},
