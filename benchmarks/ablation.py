@@ -42,7 +42,8 @@ schedule; one run per seed), evaluates each by the three protocols and writes ``
 - ``label-free-regions``: the label term on the body regions the mined anatomy terms lie in (the lexicon's
   ``region`` section), which name fewer, broader classes than the anatomy terms themselves;
 - ``label-free-regions-plus``: beside the regions of the label-free config, the diagnosis terms (MedPix's labels are
-  a region or a topic), the extractive views, or the similarity term;
+  a region or a topic), the extractive views or the similarity term; and a heavier label term or a sharper
+  instance term around the config's;
 - ``similarity-weight``: the similarity-preserving term (code cosines onto the frozen features' joint
   cosine), which needs no labels, against the instance term alone (0).
 
@@ -168,6 +169,8 @@ STUDIES = {
         "regions and diagnoses": {"train.findings_categories": ("region", "diagnosis")},
         "regions, extractive views": {"augment.use_views": True, "augment.generator": "extractive"},
         "regions, similarity weight 1": {"similarity_weight": 1.0},
+        "regions, label weight 50": {"label_weight": 50.0},
+        "regions, tau 0.5": {"tau": 0.5},
     },
     "similarity-weight": {  # the label-free term: codes keep the frozen features' joint cosine (0: off)
         f"similarity weight {weight:g}": {"similarity_weight": weight} for weight in (0.0, 1.0, 5.0, 20.0)
