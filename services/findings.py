@@ -244,11 +244,7 @@ def findings_matrix(miner: FindingMiner, mined: Sequence[MinedText], fit: np.nda
     """:func:`findings_labels` of reports mined already (``miner.mine_all``), so one mining serves several
     choices of ``categories`` ("region": the body regions of the anatomy terms stated)."""
     kept = set(categories)
-    present = [
-        {f"{miner.category[t]}:{t}" for t in report.positive if miner.category[t] in kept}
-        | ({f"{REGION}:{miner.region[t]}" for t in report.positive if t in miner.region} if REGION in kept else set())
-        for report in mined
-    ]
+    present = [_label_names(miner, report, kept) for report in mined]
     counts = Counter(name for row in fit for name in present[row])
     order = (*CATEGORIES, REGION)
     names = sorted((n for n, c in counts.items() if c >= min_reports),
@@ -258,3 +254,12 @@ def findings_matrix(miner: FindingMiner, mined: Sequence[MinedText], fit: np.nda
     for row, found in enumerate(present):
         matrix[row, [column[n] for n in found if n in column]] = 1
     return matrix, tuple(names)
+
+
+def _label_names(miner: FindingMiner, report: MinedText, kept: set[str]) -> set[str]:
+    """The "<category>:<term>" labels of one mined report's present terms in ``kept``, plus "region:<region>" of
+    its anatomy terms when ``kept`` holds "region"."""
+    names = {f"{miner.category[t]}:{t}" for t in report.positive if miner.category[t] in kept}
+    if REGION in kept:
+        names |= {f"{REGION}:{miner.region[t]}" for t in report.positive if t in miner.region}
+    return names

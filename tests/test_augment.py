@@ -221,7 +221,8 @@ def test_training_reads_the_generators_views_and_the_extractive_ones_when_asked(
 def test_bad_items_are_reported_and_skipped():
     dataset = small_dataset(2)
     dataset.items.append(dataclasses.replace(MEDPIX_STYLE, id="empty", report="", sections={}))
-    run = run_augmentation(dataset, AugmentConfig(generator="extractive", templates=("report_summary",)), LLMConfig(), progress=False)
+    cfg = AugmentConfig(generator="extractive", templates=("report_summary",))
+    run = run_augmentation(dataset, cfg, LLMConfig(), progress=False)
     assert set(run.texts) == {"item-0", "item-1"}
     assert run.problems == ["1 items without report text, skipped (first: empty)"]
 
