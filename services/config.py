@@ -103,6 +103,9 @@ class TrainConfig(Section):
     findings_categories: tuple[Literal["anatomy", "finding", "diagnosis", "region"], ...] = Field(
         ("anatomy", "finding", "diagnosis"), min_length=1
     )
+    # a training item with no mined finding takes the findings held by most of its this many nearest training
+    # neighbours that have some (joint cosine of the frozen image and report features); 0: it stays unlabelled
+    findings_neighbours: int = Field(0, ge=0)
 
 
 class AugmentConfig(Section):

@@ -209,3 +209,24 @@ def test_training_views_from_the_llm_and_the_extractive_generator(shared_data):
     llm, extractive = features.views[:, :len(templates)], features.views[:, len(templates):]
     assert np.isfinite(features.views).all() and not np.allclose(llm, extractive, atol=1e-3)
     assert (np.abs(features.views - features.text[:, None]).max(axis=2) > 1e-3).mean() > 0.5  # mostly not the report
+
+
+def test_unlabelled_training_items_take_the_labels_most_of_their_neighbours_hold():
+    from medhash.services.features.featureset import FeatureSet, findings_from_neighbours
+
+    # two tight groups of items, one per label; each group holds one unlabelled training item and one dev item
+    group = lambda centre, n: centre + 0.01 * np.arange(n)[:, None]  # noqa: E731
+    image = np.concatenate([group(np.array([[1.0, 0.0]]), 5), group(np.array([[0.0, 1.0]]), 5)]).astype(np.float32)
+    labels = np.array([[1, 0]] * 3 + [[0, 0]] * 2 + [[0, 1]] * 3 + [[0, 0]] * 2, dtype=np.uint8)
+    splits = np.array((["train"] * 4 + ["dev"]) * 2)
+    features = FeatureSet(
+        dataset="tiny", ids=np.array([f"i{r}" for r in range(10)]), image=image, text=image.copy(),
+        views=np.zeros((10, 0, 2), np.float32), view_names=(), labels=labels, label_names=("a", "b"),
+        splits=splits, groups=np.array([f"g{r}" for r in range(10)]),
+    )
+    filled = findings_from_neighbours(features, k=3)
+    assert filled.labels[3].tolist() == [1, 0] and filled.labels[8].tolist() == [0, 1]
+    assert not filled.labels[[4, 9]].any()  # dev items stay as mined
+    assert (filled.labels[labels.any(axis=1)] == labels[labels.any(axis=1)]).all()
+    # with neighbours from both groups no label holds a majority, and the item stays unlabelled
+    assert not findings_from_neighbours(features, k=6).labels[3].any()

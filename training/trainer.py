@@ -120,7 +120,8 @@ def train(cfg: MedhashConfig, out: Path, features: FeatureSet | None = None) -> 
     started = time.time()
     features = features or build_featureset(cfg)
     if cfg.train.supervision == "findings":
-        features = supervised_by_findings(features, open_dataset(cfg.data), cfg.train.findings_categories)
+        features = supervised_by_findings(features, open_dataset(cfg.data), cfg.train.findings_categories,
+                                          cfg.train.findings_neighbours)
     for split in ("train", "dev"):
         if not len(features.rows(split)):
             raise ConfigError(f"{features.dataset}: the {split} split is empty; model selection needs train and dev")

@@ -128,9 +128,11 @@ def _view_features(cfg, dataset, ids, report_features, text_encoder, progress):
     return names, views.astype(np.float32)
 
 
-def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: Iterable[str]) -> FeatureSet:
+def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: Iterable[str],
+                           neighbours: int = 0) -> FeatureSet:
     """``features`` with its labels replaced by the findings of ``categories`` mined from each item's report
-    (vocabulary from the train split): what a label-free run trains on (``train.supervision: findings``)."""
+    (vocabulary from the train split): what a label-free run trains on (``train.supervision: findings``).
+    ``neighbours`` > 0: training items with none take them from their neighbours (:func:`findings_from_neighbours`)."""
     from medhash.services.findings import FindingMiner, findings_labels
 
     reports = {item.id: item.report for item in dataset.items}
@@ -138,4 +140,35 @@ def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: I
                                     categories)
     log.info("%s: supervised by %d mined findings instead of its %d labels", features.dataset, len(names),
              len(features.label_names))
-    return replace(features, labels=labels, label_names=names)
+    features = replace(features, labels=labels, label_names=names)
+    return findings_from_neighbours(features, neighbours) if neighbours else features
+
+
+def findings_from_neighbours(features: FeatureSet, k: int) -> FeatureSet:
+    """``features`` where each training item without a label takes every label held by more than half of its ``k``
+    nearest labelled training items, by the joint cosine of the batch-centred image and report features (the items
+    of other splits are left as they are)."""
+    train = features.rows("train")
+    have = features.labels[train].any(axis=1)
+    donors, takers = train[have], train[~have]
+    if not len(donors) or not len(takers):
+        return features
+    joint = np.concatenate([_unit(_centred(features.image, train)), _unit(_centred(features.text, train))], axis=1)
+    cosine = joint[takers] @ joint[donors].T
+    nearest = np.argsort(-cosine, axis=1)[:, :min(k, len(donors))]
+    votes = features.labels[donors][nearest].mean(axis=1)
+    labels = features.labels.copy()
+    labels[takers] = (votes > 0.5).astype(labels.dtype)
+    log.info("%s: %d of %d unlabelled training items took labels from their %d nearest neighbours",
+             features.dataset, int(labels[takers].any(axis=1).sum()), len(takers), k)
+    return replace(features, labels=labels)
+
+
+def _centred(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix`` minus the mean of its ``rows``."""
+    return matrix - matrix[rows].mean(axis=0, keepdims=True)
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    """Each row of ``matrix`` scaled to unit length (zero rows stay zero)."""
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
