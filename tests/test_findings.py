@@ -14,13 +14,13 @@ from medhash.services.findings import (
 # Real MedPix captions, mined by hand: (present, absent). Anatomy is never negated.
 MEDPIX_EXPECTED = {
     "MPX1009_synpic46283": ({"prostate", "enlargement", "calcification"}, {"mass"}),
-    "MPX1034_synpic39539": ({"mass", "soft tissue"}, {"erosion"}),
-    "MPX1060_synpic19246": ({"hypodensity"}, {"compression", "hemorrhage"}),
+    "MPX1034_synpic39539": ({"mass", "soft tissue", "temporal bone"}, {"erosion"}),
+    "MPX1060_synpic19246": ({"hypodensity", "parietal lobe"}, {"compression", "hemorrhage"}),
     "MPX1106_synpic45737": ({"mass", "enhancement", "upper lobe"}, {"calcification"}),
     "MPX1193_synpic51666": ({"hypodensity", "mass", "neck"}, {"nodule", "calcification"}),
     "MPX1253_synpic21241": ({"mass", "nodule", "colon"}, {"lymphadenopathy"}),
-    "MPX1563_synpic51033": ({"mass"}, {"mass effect", "edema"}),
-    "MPX1609_synpic19714": ({"cyst"}, {"edema"}),
+    "MPX1563_synpic51033": ({"mass", "frontal lobe"}, {"mass effect", "edema"}),
+    "MPX1609_synpic19714": ({"cyst", "temporal lobe"}, {"edema"}),
     "MPX2155_synpic22532": ({"pancreas", "liver"}, {"metastasis"}),
     "MPX2515_synpic28377": ({"free fluid", "pelvis"}, {"pneumoperitoneum"}),
 }
@@ -44,7 +44,7 @@ def test_negation_scope_spellings_and_possibilities(miner):
     assert mined.positive == {"lung", "mass", "pneumonia"}
     assert mined.negated == {"pleural effusion", "pneumothorax", "fracture"}
     assert miner.mine("There is no evidence of free air.").negated == {"pneumoperitoneum"}
-    assert miner.mine("Haemorrhage in the left frontal lobe.").positive == {"hemorrhage"}
+    assert miner.mine("Haemorrhage in the left frontal lobe.").positive == {"hemorrhage", "frontal lobe"}
 
 
 @pytest.mark.parametrize("text, reason", [
