@@ -176,7 +176,6 @@ STUDIES = {
         "the config": {},
         "regions from the 10 nearest neighbours": {"train.findings_neighbours": 10},
         "regions from the 20 nearest neighbours": {"train.findings_neighbours": 20},
-        "regions from the 10 nearest neighbours, tau 0.5": {"train.findings_neighbours": 10, "tau": 0.5},
     },
     "similarity-weight": {  # the label-free term: codes keep the frozen features' joint cosine (0: off)
         f"similarity weight {weight:g}": {"similarity_weight": weight} for weight in (0.0, 1.0, 5.0, 20.0)
