@@ -113,14 +113,14 @@ def test_tiny_lsch_trains_on_ray_and_beats_random_codes(shared_data, tiny_featur
 @pytest.mark.real
 def test_label_free_lsch_trains_on_mined_findings_and_beats_random_codes(shared_data, tiny_features, ray_cluster, tmp_path):
     path = tmp_path / "label-free"
-    train(tiny_config(shared_data, supervision="findings"), path, tiny_features)
+    train(tiny_config(shared_data, supervision="findings", findings_neighbours=5), path, tiny_features)
     names = RunDir(path).label_names()  # what it trained on: mined findings, not one of the dataset's labels
     assert names and all(n.split(":")[0] in ("diagnosis", "finding", "anatomy") for n in names)
     assert not set(names) & set(tiny_features.label_names)
     results = evaluate_run(path, tmp_path / "eval", features=tiny_features)  # scored with the dataset's labels
     baseline = random_code_map(tiny_features, 32)
     for direction in ("i2t", "t2i"):
-        assert results["bits"]["32"]["labels"][direction]["map@all"] > baseline + 0.03  # measured: +0.046 (i2t), 5 random seeds
+        assert results["bits"]["32"]["labels"][direction]["map@all"] > baseline + 0.03  # measured: +0.093 (i2t), 5 random seeds
 
 
 @pytest.mark.real
