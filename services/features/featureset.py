@@ -146,14 +146,19 @@ def supervised_by_findings(features: FeatureSet, dataset: Dataset, categories: I
 
 def findings_from_neighbours(features: FeatureSet, k: int) -> FeatureSet:
     """``features`` where each training item without a label takes every label held by more than half of its ``k``
-    nearest labelled training items, by the joint cosine of the batch-centred image and report features (the items
-    of other splits are left as they are)."""
+    nearest labelled training items, by the cosine of their pair features (:func:`pair_features`) centred on the
+    training split (the items of other splits are left as they are)."""
+    import torch
+
+    from medhash.services.methods.losses import pair_features
+
     train = features.rows("train")
     have = features.labels[train].any(axis=1)
     donors, takers = train[have], train[~have]
     if not len(donors) or not len(takers):
         return features
-    joint = np.concatenate([_unit(_centred(features.image, train)), _unit(_centred(features.text, train))], axis=1)
+    image, text = (torch.from_numpy(m - m[train].mean(axis=0, keepdims=True)) for m in (features.image, features.text))
+    joint = pair_features(image, text).numpy()
     cosine = joint[takers] @ joint[donors].T
     nearest = np.argsort(-cosine, axis=1)[:, :min(k, len(donors))]
     votes = features.labels[donors][nearest].mean(axis=1)
@@ -162,13 +167,3 @@ def findings_from_neighbours(features: FeatureSet, k: int) -> FeatureSet:
     log.info("%s: %d of %d unlabelled training items took labels from their %d nearest neighbours",
              features.dataset, int(labels[takers].any(axis=1).sum()), len(takers), k)
     return replace(features, labels=labels)
-
-
-def _centred(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``matrix`` minus the mean of its ``rows``."""
-    return matrix - matrix[rows].mean(axis=0, keepdims=True)
-
-
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    """Each row of ``matrix`` scaled to unit length (zero rows stay zero)."""
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
