@@ -116,11 +116,12 @@ def test_mined_findings_become_labels_from_the_training_rows_only(miner):
 
 def test_anatomy_terms_give_their_body_regions(miner):
     reports = ["Hepatic cyst and a renal stone.", "Splenic laceration.", "Lung mass.", "Cerebellar infarct.",
-               "Aortic dissection."]  # a vessel lies in no one region
-    matrix, names = findings_labels(miner, reports, fit=np.arange(5), categories=("region",), min_reports=1)
-    assert names == ("region:abdomen", "region:chest", "region:head")
-    assert matrix.tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]
-    _, both = findings_labels(miner, reports, fit=np.arange(5), categories=("anatomy", "region"), min_reports=1)
+               "Aortic dissection.", "Bladder wall thickening."]  # a vessel lies in no one region
+    matrix, names = findings_labels(miner, reports, fit=np.arange(6), categories=("region",), min_reports=1)
+    assert names == ("region:abdomen", "region:chest", "region:genitourinary", "region:head")
+    # the kidney and the bladder: one genitourinary region, across abdomen and pelvis
+    assert matrix.tolist() == [[1, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0]]
+    _, both = findings_labels(miner, reports, fit=np.arange(6), categories=("anatomy", "region"), min_reports=1)
     assert "anatomy:lung" in both and "region:chest" in both  # a term and its region are two labels
 
 
