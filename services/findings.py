@@ -30,7 +30,7 @@ import yaml
 log = logging.getLogger(__name__)
 LEXICON = Path(__file__).with_name("findings_lexicon.yaml")
 CATEGORIES = ("diagnosis", "finding", "anatomy")  # the order findings are listed in
-REGION = "region"  # the body regions the anatomy terms lie in: a coarser category label-free runs may train on
+REGION = "region"  # the body region a report images: a coarser category label-free runs may train on
 NEGATABLE = ("diagnosis", "finding")
 EMPTY, NOT_ENGLISH, NO_TERMS = "empty", "not English", "no finding terms (boilerplate or wording the lexicon lacks)"
 REASONS = (EMPTY, NOT_ENGLISH, NO_TERMS)
@@ -242,7 +242,7 @@ def findings_labels(miner: FindingMiner, reports: Sequence[str], fit: np.ndarray
 def findings_matrix(miner: FindingMiner, mined: Sequence[MinedText], fit: np.ndarray, categories: Iterable[str],
                     min_reports: int = 2) -> tuple[np.ndarray, tuple[str, ...]]:
     """:func:`findings_labels` of reports mined already (``miner.mine_all``), so one mining serves several
-    choices of ``categories`` ("region": the body regions of the anatomy terms stated)."""
+    choices of ``categories`` ("region": the body region of the first anatomy term stated)."""
     kept = set(categories)
     present = [_label_names(miner, report, kept) for report in mined]
     counts = Counter(name for row in fit for name in present[row])
@@ -257,9 +257,16 @@ def findings_matrix(miner: FindingMiner, mined: Sequence[MinedText], fit: np.nda
 
 
 def _label_names(miner: FindingMiner, report: MinedText, kept: set[str]) -> set[str]:
-    """The "<category>:<term>" labels of one mined report's present terms in ``kept``, plus "region:<region>" of
-    its anatomy terms when ``kept`` holds "region"."""
+    """The "<category>:<term>" labels of one mined report's present terms in ``kept``, plus its "region:<region>"
+    (:func:`first_region`) when ``kept`` holds "region"."""
     names = {f"{miner.category[t]}:{t}" for t in report.positive if miner.category[t] in kept}
-    if REGION in kept:
-        names |= {f"{REGION}:{miner.region[t]}" for t in report.positive if t in miner.region}
+    if REGION in kept and (region := first_region(miner, report)):
+        names.add(f"{REGION}:{region}")
     return names
+
+
+def first_region(miner: FindingMiner, report: MinedText) -> str | None:
+    """The body region of the first anatomy term ``report`` states as present, or None: one region per report, as
+    DICOM's body part examined is one value per study (a caption names the part imaged before what it shows)."""
+    mentions = sorted((m for m in report.mentions if not m.negated and m.term in miner.region), key=lambda m: m.start)
+    return miner.region[mentions[0].term] if mentions else None
