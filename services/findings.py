@@ -268,5 +268,6 @@ def _label_names(miner: FindingMiner, report: MinedText, kept: set[str]) -> set[
 def first_region(miner: FindingMiner, report: MinedText) -> str | None:
     """The body region of the first anatomy term ``report`` states as present, or None: one region per report, as
     DICOM's body part examined is one value per study (a caption names the part imaged before what it shows)."""
-    mentions = sorted((m for m in report.mentions if not m.negated and m.term in miner.region), key=lambda m: m.start)
-    return miner.region[mentions[0].term] if mentions else None
+    first = min((m for m in report.mentions if not m.negated and m.term in miner.region), key=lambda m: m.start,
+                default=None)
+    return miner.region[first.term] if first else None
