@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from medhash.training.trainer import LOCAL_RAY_ENV
+
 SHARED_DATA = Path(os.environ.get("MEDHASH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # Ray waits 30 s for a new head's GCS to bind its port; on 2 busy cores, just after the previous test's cluster
 # shut down, one start in a CI run took longer. The tests start many local clusters, so they wait up to 120 s.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+# The clusters the tests start themselves (ray.init, ray.cluster_utils) poll Ray Train workers as `medhash train`'s do.
+for _name, _value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def free_port() -> int:
@@ -20,6 +26,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ctrl_c_enabled() -> None:
+    """``preexec_fn`` of a child a test interrupts with SIGINT: a shell's background job (a CI runner's, say)
+    starts with SIGINT ignored, and its children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(condition, timeout_s: float, what: str = "the condition") -> float:

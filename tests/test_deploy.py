@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ctrl_c_enabled
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 PROMTOOL = Path("/usr/bin/promtool")
@@ -411,7 +413,8 @@ def test_the_shipped_serve_yaml_without_a_token_is_refused(tmp_path):
     log = tmp_path / "serve-run.log"
     with log.open("w") as out:
         process = subprocess.Popen([str(serve_cli), "run", str(DEPLOY / "serve.yaml")], env=env, cwd=tmp_path,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=ctrl_c_enabled)
     try:
         deadline = time.monotonic() + 240
         while "MEDHASH_API_TOKEN is empty or blank" not in log.read_text(errors="replace"):

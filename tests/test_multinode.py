@@ -30,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 def tiny_config(shared_data: Path, **train):
     return load_config(CONFIGS / "medpix2-lsch-tiny.yaml", {
-        "data.root": shared_data / "medpix2", "llm.name": "tiny-random", "train.workers": 2, "train.epochs": 3,
+        "data.root": shared_data / "medpix2", "llm.name": "tiny-random", "train.workers": 2, "train.epochs": 10,
         "train.limit_items": 60, "method_params.lsch.align_epochs": 2,
         **{f"train.{key}": value for key, value in train.items()},
     })

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import registered_checkpoints, wait_for
+from conftest import ctrl_c_enabled, registered_checkpoints, wait_for
 from medhash.services.codes import hamming_distances, load_codes_npz, unpack_codes
 from medhash.services.config import load_config
 from medhash.services.errors import ConfigError
@@ -246,7 +246,7 @@ def _worker_pids() -> list[int]:
 
 @pytest.mark.real
 def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_features, ray_cluster, tmp_path):
-    cfg = tiny_config(shared_data, epochs=6)
+    cfg = tiny_config(shared_data, epochs=20)  # about 1 s each: the kill lands mid-run
     run_path = tmp_path / "run"
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("run", train(cfg, run_path, tiny_features)))
@@ -271,11 +271,12 @@ def test_an_interrupted_run_resumes_when_started_again(shared_data, tiny_feature
     raw = yaml.safe_load((CONFIGS / "medpix2-lsch-tiny.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
     raw["llm"]["name"] = "tiny-random"
-    raw["train"]["epochs"] = 5
+    raw["train"]["epochs"] = 20  # about 1 s each: the interruption lands mid-run
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "medhash.services.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
 
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                             preexec_fn=ctrl_c_enabled)
     wait_for(lambda: registered_checkpoints(tmp_path / "run") >= 2, 300, "two registered checkpoints")
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) != 0
