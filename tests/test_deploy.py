@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import ctrl_c_enabled
+from medhash.training.trainer import LOCAL_RAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -222,6 +223,8 @@ def test_rayjob_pods_have_data_models_and_environment():
             env = _env(container)
             assert env["MEDHASH_DATA"]["value"] == "/data"
             assert env["MEDHASH_CACHE"]["value"] == "/models/cache"
+            for variable, value in LOCAL_RAY_ENV.items():  # Ray Train polls its workers as on a local cluster
+                assert env[variable]["value"] == value, f"{name}: {variable}"
 
 
 # ---------------------------------------------------------------------------------------------
