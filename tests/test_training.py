@@ -246,7 +246,7 @@ def _worker_pids() -> list[int]:
 
 @pytest.mark.real
 def test_a_killed_worker_is_replaced_and_training_resumes(shared_data, tiny_features, ray_cluster, tmp_path):
-    cfg = tiny_config(shared_data, epochs=20)  # about 1 s each: the kill lands mid-run
+    cfg = tiny_config(shared_data, epochs=20)  # under 1 s each: the kill lands mid-run
     run_path = tmp_path / "run"
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("run", train(cfg, run_path, tiny_features)))
@@ -271,7 +271,7 @@ def test_an_interrupted_run_resumes_when_started_again(shared_data, tiny_feature
     raw = yaml.safe_load((CONFIGS / "medpix2-lsch-tiny.yaml").read_text())
     raw["data"]["root"] = str(shared_data / "medpix2")
     raw["llm"]["name"] = "tiny-random"
-    raw["train"]["epochs"] = 20  # about 1 s each: the interruption lands mid-run
+    raw["train"]["epochs"] = 20  # under 1 s each: the interruption lands mid-run
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "medhash.services.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
 
