@@ -13,6 +13,7 @@ same number of epochs. EfficientNet-Lite backbones only.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from medhash.services.data.images import load_image
 from medhash.services.errors import ConfigError
 from medhash.services.evaluation.protocols import evaluate
 from medhash.services.features.featureset import build_featureset
+from medhash.services.methods.losses import contrastive_loss, pairwise_label_loss, quantization_loss
 from medhash.training.trainer import with_resolved_data
 
 COLUMNS = (("labels", "i2t"), ("labels", "t2i"), ("topic", "i2t"), ("topic", "t2i"), ("pair", "i2t"), ("pair", "t2i"))
@@ -94,13 +96,9 @@ def train_floor(top: ImageTop, activations: Tensor, text: Tensor, labels: Tensor
         for first in range(0, len(order), 128):
             rows = order[first: first + 128]
             u, v = image_head(top(activations[rows])), text_head(text[rows])
-            cosine = F.normalize(u, dim=1) @ F.normalize(v, dim=1).T
-            own = torch.arange(len(rows))
-            instance = (F.cross_entropy(cosine / 0.07, own) + F.cross_entropy(cosine.T / 0.07, own)) / 2
-            related = (labels[rows] @ labels[rows].T > 0).float()
-            label = F.binary_cross_entropy_with_logits(5 * cosine, related)
-            quantisation = ((u - u.sign()) ** 2).mean() + ((v - v.sign()) ** 2).mean()
-            loss = instance + 50 * label + 0.1 * quantisation
+            instance = contrastive_loss(u, v, None, tau=0.07, hard_negative_strength=0.0)  # plain InfoNCE
+            label = pairwise_label_loss(u, v, labels[rows], scale=5.0)
+            loss = instance + 50 * label + 0.1 * (quantization_loss(u) + quantization_loss(v))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -132,7 +130,7 @@ def adaptation_study(config: Path, seeds: list[int], blocks: int, epochs: int, b
     for arm, trainable in arms.items():
         scores, seconds = [], []
         for seed in seeds:
-            top = ImageTop(build_image_backbone(cfg.image_backbone), blocks, trainable)
+            top = ImageTop(copy.deepcopy(backbone), blocks, trainable)  # fresh ImageNet weights per run
             image, text_codes, per_epoch = train_floor(top, activations, text, labels, train, bits, epochs, seed,
                                                        backbone_lr)
             result = evaluate("hamming", {"image": image[dev], "text": text_codes[dev]},
