@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from medhash.benchmarks.backbone_adaptation import ImageTop, cut_activations, train_floor
+from medhash.benchmarks.backbone_adaptation import ImageTop, cut_activations
+from medhash.benchmarks.floor_recipe import floor_loss, train_floor
 from medhash.services.backbones.image import build_image_backbone
 from medhash.services.config import ImageBackboneConfig
 
@@ -36,8 +37,8 @@ def test_only_the_trained_arm_changes_the_backbone(tmp_path):
     original = build_image_backbone(config).backbone._blocks[-1].state_dict()
     for trainable in (False, True):
         top = ImageTop(build_image_backbone(config), blocks=1, trainable=trainable)
-        image, text_codes, per_epoch = train_floor(top, activations, text, labels, np.arange(8), bits=16, epochs=2,
-                                                   seed=0, backbone_lr=1e-2)
+        image, text_codes, per_epoch = train_floor(top, activations, text, floor_loss(labels), np.arange(8), bits=16,
+                                                   epochs=2, seed=0, encoder_lr=1e-2)
         assert image.shape == text_codes.shape == (8, 2) and per_epoch > 0
         moved = any(not torch.equal(weight, original[name]) for name, weight in top.blocks[-1].state_dict().items())
         assert moved == trainable

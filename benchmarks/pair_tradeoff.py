@@ -1,0 +1,124 @@
+"""Can a label-supervised hash keep the pair recall CCA-ITQ has? A screening study on the dev split.
+
+    python -m medhash.benchmarks.pair_tradeoff --config training/configs/medpix2-lsch-ablation.yaml --seeds 0,1,2
+
+CCA-ITQ ranks an image's own report higher (pair Recall@10) than every trained method, at a labels MAP 12 points
+lower. Each arm changes one thing in ``evaluation.md``'s floor recipe (:mod:`medhash.benchmarks.floor_recipe`), on
+the frozen features every method hashes:
+
+- LSCH's similarity term (code cosines onto the frozen features' joint cosine, weight 10), and the same term on the
+  canonical coordinates of a regularised CCA fitted on the train split (CCA-ITQ's first stage);
+- the label term on only a share of the bits, leaving the rest to the instance and similarity terms;
+- a margin label term: squared hinges that ask label-sharing pairs for a code cosine of at least 0.9 and the others
+  for at most 0.1, so a label's items need not collapse onto one code;
+- the canonical coordinates as the heads' inputs.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medhash.benchmarks.floor_recipe import Loss, dev_scores, floor_loss, table_header, table_row, train_floor
+from medhash.services.config import load_config
+from medhash.services.features.featureset import build_featureset
+from medhash.services.methods.cca_itq import cca_directions
+from medhash.services.methods.losses import (
+    contrastive_loss,
+    feature_similarity,
+    label_similarity,
+    pair_features,
+    pairwise_label_loss,
+    quantization_loss,
+    similarity_preserving_loss,
+)
+from medhash.training.trainer import with_resolved_data
+
+CCA_DIMS, CCA_RIDGE = 128, 10.0  # CCA-ITQ's defaults: ridge 10 x the mean variance, eigenvalue-scaled directions
+
+
+def canonical_coordinates(image: Tensor, text: Tensor, train_rows: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Every item's image and text features in the canonical space fitted on ``train_rows``, each coordinate
+    scaled by its squared correlation (as CCA-ITQ projects them)."""
+    mean_x, mean_y = image[train_rows].mean(dim=0), text[train_rows].mean(dim=0)
+    wx, wy, correlations = cca_directions(image[train_rows] - mean_x, text[train_rows] - mean_y, CCA_DIMS, CCA_RIDGE)
+    return (image - mean_x) @ wx * correlations**2, (text - mean_y) @ wy * correlations**2
+
+
+def margin_label_loss(u: Tensor, v: Tensor, labels: Tensor, related: float = 0.9, unrelated: float = 0.1) -> Tensor:
+    """Squared hinges on the cross-modal code cosines: at least ``related`` for pairs that share a label, at most
+    ``unrelated`` for the others, over the pairs whose labels are known."""
+    similarity, known = label_similarity(labels, "shared")
+    cosine = F.normalize(u, dim=1) @ F.normalize(v, dim=1).T
+    hinge = similarity * F.relu(related - cosine).pow(2) + (1 - similarity) * F.relu(cosine - unrelated).pow(2)
+    return hinge[known].mean() if known.any() else u.new_zeros(())
+
+
+def recipe(labels: Tensor, pair_space: Tensor | None, label_term: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Loss:
+    """InfoNCE + ``label_term`` + 0.1 x quantisation, plus 10 x the similarity term on ``pair_space`` (None: off)."""
+
+    def loss(u: Tensor, v: Tensor, rows: np.ndarray) -> Tensor:
+        value = contrastive_loss(u, v, None, tau=0.07, hard_negative_strength=0.0) + label_term(u, v, labels[rows])
+        value = value + 0.1 * (quantization_loss(u) + quantization_loss(v))
+        if pair_space is not None:
+            value = value + 10 * similarity_preserving_loss(u, v, feature_similarity(pair_space[rows], 1.5))
+        return value
+
+    return loss
+
+
+def label_bce(share: int | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The floor's label term (50 x pairwise BCE), on the first ``share`` bits only (None: every bit)."""
+    return lambda u, v, labels: 50 * pairwise_label_loss(u[:, :share], v[:, :share], labels, scale=5.0)
+
+
+def tradeoff_study(config: Path, seeds: list[int], epochs: int, bits: int) -> str:
+    """Markdown: per arm, the dev scores (mean +- std over ``seeds``)."""
+    features = build_featureset(with_resolved_data(load_config(config)), progress=False)
+    train = features.rows("train")
+    image, text = torch.from_numpy(features.image).float(), torch.from_numpy(features.text).float()
+    labels = torch.from_numpy(features.labels.astype(np.float32))
+    canonical_image, canonical_text = canonical_coordinates(image, text, train)
+    frozen, canonical = pair_features(image, text), pair_features(canonical_image, canonical_text)
+    unit = (F.normalize(image, dim=1), F.normalize(text, dim=1))
+    standardised = (canonical_image / canonical_image[train].std(), canonical_text / canonical_text[train].std())
+    arms = {
+        "the floor recipe": (floor_loss(labels), unit),
+        "+ similarity term (weight 10) on the frozen features": (recipe(labels, frozen, label_bce()), unit),
+        "+ similarity term on the canonical coordinates": (recipe(labels, canonical, label_bce()), unit),
+        f"+ similarity term, label term on {3 * bits // 4} of the {bits} bits":
+            (recipe(labels, frozen, label_bce(3 * bits // 4)), unit),
+        f"+ similarity term, label term on {bits // 2} of the {bits} bits":
+            (recipe(labels, frozen, label_bce(bits // 2)), unit),
+        "+ similarity term, margin label term (0.9 / 0.1, weight 300)":
+            (recipe(labels, frozen, lambda u, v, y: 300 * margin_label_loss(u, v, y)), unit),
+        "+ similarity term, canonical coordinates as the heads' inputs":
+            (recipe(labels, frozen, label_bce()), standardised),
+    }
+    lines = [f"{features.dataset}, {bits} bits, {epochs} epochs, dev queries against train, seeds {seeds}", "",
+             *table_header("arm", "s / epoch")]
+    for arm, (loss, (image_inputs, text_inputs)) in arms.items():
+        runs = [train_floor(nn.Identity(), image_inputs, text_inputs, loss, train, bits, epochs, seed) for seed in seeds]
+        scores = [dev_scores(features, image_codes, text_codes) for image_codes, text_codes, _ in runs]
+        lines.append(table_row(arm, scores, f"{np.mean([run[2] for run in runs]):.2f}"))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--bits", type=int, default=64)
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(tradeoff_study(args.config, seeds, args.epochs, args.bits), flush=True)
+
+
+if __name__ == "__main__":
+    main()
