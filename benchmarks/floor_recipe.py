@@ -23,6 +23,8 @@ BATCH = 128
 
 # a floor loss: (image codes u, text codes v, the batch's rows) -> the loss to minimise
 Loss = Callable[[Tensor, Tensor, np.ndarray], Tensor]
+# a label term: (image codes u, text codes v, the batch's multi-hot labels) -> its weighted value
+LabelTerm = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def head(dim: int, bits: int) -> nn.Sequential:
@@ -30,13 +32,19 @@ def head(dim: int, bits: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 512), nn.ReLU(), nn.Linear(512, bits), nn.Tanh())
 
 
-def floor_loss(labels: Tensor) -> Loss:
-    """The floor recipe's loss over items with multi-hot ``labels`` [N, C]."""
+def label_bce(share: int | None = None) -> LabelTerm:
+    """The floor's label term, 50 x pairwise label BCE, on the first ``share`` bits only (None: every bit)."""
+    return lambda u, v, labels: 50 * pairwise_label_loss(u[:, :share], v[:, :share], labels, scale=5.0)
+
+
+def floor_loss(labels: Tensor, label_term: LabelTerm | None = None) -> Loss:
+    """The floor recipe's loss over items with multi-hot ``labels`` [N, C]; ``label_term`` (u, v, the batch's labels)
+    replaces its label term."""
+    label_term = label_term or label_bce()
 
     def loss(u: Tensor, v: Tensor, rows: np.ndarray) -> Tensor:
         instance = contrastive_loss(u, v, None, tau=0.07, hard_negative_strength=0.0)  # plain InfoNCE
-        return instance + 50 * pairwise_label_loss(u, v, labels[rows], scale=5.0) + 0.1 * (
-            quantization_loss(u) + quantization_loss(v))
+        return instance + label_term(u, v, labels[rows]) + 0.1 * (quantization_loss(u) + quantization_loss(v))
 
     return loss
 

@@ -16,7 +16,6 @@ the frozen features every method hashes:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medhash.benchmarks.floor_recipe import Loss, dev_scores, floor_loss, table_header, table_row, train_floor
+from medhash.benchmarks.floor_recipe import (
+    LabelTerm,
+    Loss,
+    dev_scores,
+    floor_loss,
+    label_bce,
+    table_header,
+    table_row,
+    train_floor,
+)
 from medhash.services.config import load_config
 from medhash.services.features.featureset import build_featureset
 from medhash.services.methods.cca_itq import cca_directions
 from medhash.services.methods.losses import (
-    contrastive_loss,
     feature_similarity,
     label_similarity,
     pair_features,
-    pairwise_label_loss,
-    quantization_loss,
     similarity_preserving_loss,
 )
 from medhash.training.trainer import with_resolved_data
@@ -59,22 +64,14 @@ def margin_label_loss(u: Tensor, v: Tensor, labels: Tensor, related: float = 0.9
     return hinge[known].mean() if known.any() else u.new_zeros(())
 
 
-def recipe(labels: Tensor, pair_space: Tensor | None, label_term: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Loss:
-    """InfoNCE + ``label_term`` + 0.1 x quantisation, plus 10 x the similarity term on ``pair_space`` (None: off)."""
+def recipe(labels: Tensor, pair_space: Tensor, label_term: LabelTerm) -> Loss:
+    """The floor's loss with ``label_term``, plus 10 x LSCH's similarity term on ``pair_space`` (pair features)."""
+    floor = floor_loss(labels, label_term)
 
     def loss(u: Tensor, v: Tensor, rows: np.ndarray) -> Tensor:
-        value = contrastive_loss(u, v, None, tau=0.07, hard_negative_strength=0.0) + label_term(u, v, labels[rows])
-        value = value + 0.1 * (quantization_loss(u) + quantization_loss(v))
-        if pair_space is not None:
-            value = value + 10 * similarity_preserving_loss(u, v, feature_similarity(pair_space[rows], 1.5))
-        return value
+        return floor(u, v, rows) + 10 * similarity_preserving_loss(u, v, feature_similarity(pair_space[rows], 1.5))
 
     return loss
-
-
-def label_bce(share: int | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The floor's label term (50 x pairwise BCE), on the first ``share`` bits only (None: every bit)."""
-    return lambda u, v, labels: 50 * pairwise_label_loss(u[:, :share], v[:, :share], labels, scale=5.0)
 
 
 def tradeoff_study(config: Path, seeds: list[int], epochs: int, bits: int) -> str:

@@ -3,8 +3,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medhash.benchmarks.floor_recipe import train_floor
-from medhash.benchmarks.pair_tradeoff import canonical_coordinates, label_bce, margin_label_loss, recipe
+from medhash.benchmarks.floor_recipe import label_bce, train_floor
+from medhash.benchmarks.pair_tradeoff import canonical_coordinates, margin_label_loss, recipe
 from medhash.services.methods.losses import pair_features
 
 LABELS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # the last item's labels are unknown
