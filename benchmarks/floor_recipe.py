@@ -34,7 +34,13 @@ def head(dim: int, bits: int) -> nn.Sequential:
 
 def label_bce(share: int | None = None) -> LabelTerm:
     """The floor's label term, 50 x pairwise label BCE, on the first ``share`` bits only (None: every bit)."""
-    return lambda u, v, labels: 50 * pairwise_label_loss(u[:, :share], v[:, :share], labels, scale=5.0)
+
+    def term(u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
+        if share is not None:
+            u, v = u[:, :share], v[:, :share]
+        return 50 * pairwise_label_loss(u, v, labels, scale=5.0)
+
+    return term
 
 
 def floor_loss(labels: Tensor, label_term: LabelTerm | None = None) -> Loss:
