@@ -11,7 +11,6 @@ number of epochs. EfficientNet-Lite backbones only.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
@@ -20,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medhash.benchmarks.floor_recipe import dev_scores, floor_loss, table_header, table_row, train_floor
+from medhash.benchmarks.floor_recipe import (
+    dev_scores,
+    floor_loss,
+    study_arguments,
+    table_header,
+    table_row,
+    train_floor,
+)
 from medhash.services.backbones.image import EfficientNetLiteBackbone, build_image_backbone
 from medhash.services.config import load_config
 from medhash.services.data import open_dataset
@@ -97,17 +103,11 @@ def adaptation_study(config: Path, seeds: list[int], blocks: int, epochs: int, b
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser = study_arguments(__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=1, help="how many of the backbone's last blocks train")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--bits", type=int, default=64)
     parser.add_argument("--backbone-lr", type=float, default=1e-4)
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    print(adaptation_study(args.config, seeds, args.blocks, args.epochs, args.bits, args.backbone_lr), flush=True)
-
+    print(adaptation_study(args.config, args.seeds, args.blocks, args.epochs, args.bits, args.backbone_lr), flush=True)
 
 if __name__ == "__main__":
     main()

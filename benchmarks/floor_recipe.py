@@ -6,8 +6,10 @@ scores every arm as ``medhash eval --on dev`` scores a run: dev queries against 
 """
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +18,13 @@ from torch import Tensor, nn
 from medhash.services.codes import pack_codes
 from medhash.services.evaluation.protocols import evaluate
 from medhash.services.features.featureset import FeatureSet
-from medhash.services.methods.losses import contrastive_loss, pairwise_label_loss, quantization_loss
+from medhash.services.methods.losses import (
+    contrastive_loss,
+    feature_similarity,
+    pairwise_label_loss,
+    quantization_loss,
+    similarity_preserving_loss,
+)
 
 COLUMNS = (("labels", "i2t"), ("labels", "t2i"), ("topic", "i2t"), ("topic", "t2i"), ("pair", "i2t"), ("pair", "t2i"))
 BATCH = 128
@@ -51,6 +59,17 @@ def floor_loss(labels: Tensor, label_term: LabelTerm | None = None) -> Loss:
     def loss(u: Tensor, v: Tensor, rows: np.ndarray) -> Tensor:
         instance = contrastive_loss(u, v, None, tau=0.07, hard_negative_strength=0.0)  # plain InfoNCE
         return instance + label_term(u, v, labels[rows]) + 0.1 * (quantization_loss(u) + quantization_loss(v))
+
+    return loss
+
+
+def with_similarity(labels: Tensor, pair_space: Tensor, label_term: LabelTerm) -> Loss:
+    """The floor's loss with ``label_term``, plus 10 x LSCH's similarity term on ``pair_space`` (pair features):
+    the shape of LSCH's loss on the floor's heads."""
+    floor = floor_loss(labels, label_term)
+
+    def loss(u: Tensor, v: Tensor, rows: np.ndarray) -> Tensor:
+        return floor(u, v, rows) + 10 * similarity_preserving_loss(u, v, feature_similarity(pair_space[rows], 1.5))
 
     return loss
 
@@ -106,3 +125,14 @@ def table_row(name: str, scores: list[list[float]], last: str) -> str:
     """One markdown row: each column's mean +- std over the seeds' ``scores``."""
     mean, std = np.mean(scores, axis=0), np.std(scores, axis=0)
     return f"| {name} | " + " | ".join(f"{m:.3f} +- {s:.3f}" for m, s in zip(mean, std)) + f" | {last} |"
+
+
+def study_arguments(description: str) -> argparse.ArgumentParser:
+    """A screening's command line: ``--config``, ``--seeds`` (a list of ints), ``--epochs`` and ``--bits``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--seeds", default=[0, 1, 2], type=lambda text: [int(s) for s in text.split(",")],
+                        help="comma-separated training seeds")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--bits", type=int, default=64)
+    return parser

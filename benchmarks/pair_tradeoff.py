@@ -15,7 +15,6 @@ the frozen features every method hashes:
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medhash.benchmarks.floor_recipe import (
-    LabelTerm,
-    Loss,
     dev_scores,
     floor_loss,
     label_bce,
+    study_arguments,
     table_header,
     table_row,
     train_floor,
+    with_similarity,
 )
 from medhash.services.config import load_config
 from medhash.services.features.featureset import build_featureset
 from medhash.services.methods.cca_itq import cca_directions
-from medhash.services.methods.losses import (
-    feature_similarity,
-    label_similarity,
-    pair_features,
-    similarity_preserving_loss,
-)
+from medhash.services.methods.losses import label_similarity, pair_features
 from medhash.training.trainer import with_resolved_data
 
 CCA_DIMS, CCA_RIDGE = 128, 10.0  # CCA-ITQ's defaults: ridge 10 x the mean variance, eigenvalue-scaled directions
@@ -64,16 +58,6 @@ def margin_label_loss(u: Tensor, v: Tensor, labels: Tensor, related: float = 0.9
     return hinge[known].mean() if known.any() else u.new_zeros(())
 
 
-def recipe(labels: Tensor, pair_space: Tensor, label_term: LabelTerm) -> Loss:
-    """The floor's loss with ``label_term``, plus 10 x LSCH's similarity term on ``pair_space`` (pair features)."""
-    floor = floor_loss(labels, label_term)
-
-    def loss(u: Tensor, v: Tensor, rows: np.ndarray) -> Tensor:
-        return floor(u, v, rows) + 10 * similarity_preserving_loss(u, v, feature_similarity(pair_space[rows], 1.5))
-
-    return loss
-
-
 def tradeoff_study(config: Path, seeds: list[int], epochs: int, bits: int) -> str:
     """Markdown: per arm, the dev scores (mean +- std over ``seeds``)."""
     features = build_featureset(with_resolved_data(load_config(config)), progress=False)
@@ -86,16 +70,16 @@ def tradeoff_study(config: Path, seeds: list[int], epochs: int, bits: int) -> st
     standardised = (canonical_image / canonical_image[train].std(), canonical_text / canonical_text[train].std())
     arms = {
         "the floor recipe": (floor_loss(labels), unit),
-        "+ similarity term (weight 10) on the frozen features": (recipe(labels, frozen, label_bce()), unit),
-        "+ similarity term on the canonical coordinates": (recipe(labels, canonical, label_bce()), unit),
+        "+ similarity term (weight 10) on the frozen features": (with_similarity(labels, frozen, label_bce()), unit),
+        "+ similarity term on the canonical coordinates": (with_similarity(labels, canonical, label_bce()), unit),
         f"+ similarity term, label term on {3 * bits // 4} of the {bits} bits":
-            (recipe(labels, frozen, label_bce(3 * bits // 4)), unit),
+            (with_similarity(labels, frozen, label_bce(3 * bits // 4)), unit),
         f"+ similarity term, label term on {bits // 2} of the {bits} bits":
-            (recipe(labels, frozen, label_bce(bits // 2)), unit),
+            (with_similarity(labels, frozen, label_bce(bits // 2)), unit),
         "+ similarity term, margin label term (0.9 / 0.1, weight 300)":
-            (recipe(labels, frozen, lambda u, v, y: 300 * margin_label_loss(u, v, y)), unit),
+            (with_similarity(labels, frozen, lambda u, v, y: 300 * margin_label_loss(u, v, y)), unit),
         "+ similarity term, canonical coordinates as the heads' inputs":
-            (recipe(labels, frozen, label_bce()), standardised),
+            (with_similarity(labels, frozen, label_bce()), standardised),
     }
     lines = [f"{features.dataset}, {bits} bits, {epochs} epochs, dev queries against train, seeds {seeds}", "",
              *table_header("arm", "s / epoch")]
@@ -107,15 +91,8 @@ def tradeoff_study(config: Path, seeds: list[int], epochs: int, bits: int) -> st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--bits", type=int, default=64)
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    print(tradeoff_study(args.config, seeds, args.epochs, args.bits), flush=True)
-
+    args = study_arguments(__doc__.splitlines()[0]).parse_args()
+    print(tradeoff_study(args.config, args.seeds, args.epochs, args.bits), flush=True)
 
 if __name__ == "__main__":
     main()

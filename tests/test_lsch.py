@@ -12,7 +12,7 @@ from medhash.services.backbones.llm import tiny_causal_lm
 from medhash.services.config import MedhashConfig, load_config
 from medhash.services.errors import ConfigError, WeightsError
 from medhash.services.methods.gbrbm import GBRBM
-from medhash.services.methods.lsch import LSCH, alignment_loss, lsch_loss
+from medhash.services.methods.lsch import LSCH, LSCHParams, alignment_loss, label_loss, lsch_loss
 from medhash.services.methods.losses import (
     contrastive_loss,
     false_negative_mask,
@@ -277,6 +277,22 @@ def test_pairwise_label_loss_by_hand_and_its_gradient_separates_label_groups():
     step = a.detach() - 0.5 * a.grad
     after = F.normalize(step, dim=1) @ F.normalize(b, dim=1).T
     assert after[0, 1] > cosine[0, 1] and after[0, 2] < cosine[0, 2]  # same label closer, other label apart
+
+
+def test_the_label_term_within_each_modality_pulls_an_images_label_group_together():
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]]).float()
+    g = torch.Generator().manual_seed(6)  # items 0 and 1 start apart (cosine -0.30)
+    ux, uy = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    cross = pairwise_label_loss(ux, uy, labels, 5.0)
+    assert torch.isclose(label_loss(ux, uy, labels, LSCHParams()), cross)  # the default: cross-modal pairs only
+    within = LSCHParams(label_within=0.5)
+    by_hand = cross + 0.5 * (pairwise_label_loss(ux, ux, labels, 5.0) + pairwise_label_loss(uy, uy, labels, 5.0))
+    assert torch.isclose(label_loss(ux, uy, labels, within), by_hand)
+    ux.requires_grad_(True)
+    (label_loss(ux, uy, labels, within) - pairwise_label_loss(ux, uy, labels, 5.0)).backward()
+    step = F.normalize(ux.detach() - 0.5 * ux.grad, dim=1)
+    before, after = F.normalize(ux.detach(), dim=1) @ F.normalize(ux.detach(), dim=1).T, step @ step.T
+    assert after[0, 1] > before[0, 1] and after[0, 2] < before[0, 2]  # the within-modal gradient alone
 
 
 def test_encoding_layers_are_mlps_when_given_a_hidden_width():

@@ -3,8 +3,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medhash.benchmarks.floor_recipe import label_bce, train_floor
-from medhash.benchmarks.pair_tradeoff import canonical_coordinates, margin_label_loss, recipe
+from medhash.benchmarks.floor_recipe import label_bce, train_floor, with_similarity
+from medhash.benchmarks.pair_tradeoff import canonical_coordinates, margin_label_loss
 from medhash.services.methods.losses import pair_features
 
 LABELS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # the last item's labels are unknown
@@ -31,6 +31,6 @@ def test_canonical_coordinates_find_what_the_two_modalities_share():
 
 def test_a_recipe_with_the_similarity_term_trains_codes_for_every_item():
     image, text = torch.randn(4, 6), torch.randn(4, 5)
-    loss = recipe(LABELS, pair_features(image, text), label_bce(share=8))
+    loss = with_similarity(LABELS, pair_features(image, text), label_bce(share=8))
     image_codes, text_codes, _ = train_floor(nn.Identity(), image, text, loss, np.arange(4), bits=16, epochs=2, seed=0)
     assert image_codes.shape == text_codes.shape == (4, 2)

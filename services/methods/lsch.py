@@ -140,6 +140,7 @@ class LSCHParams(Section):
     label_scale: float = Field(5.0, gt=0)  # sigmoid(label_scale * cosine) is the pair's predicted relevance
     label_balanced: bool = False  # related and unrelated pairs weigh half each, whatever their share of the batch
     label_target: Literal["shared", "graded"] = "shared"  # any shared label = 1, or the label-vector cosine
+    label_within: float = Field(0.0, ge=0)  # weight of each within-modal label term (u^x with u^x, u^y with u^y)
     similarity_weight: float = Field(10.0, ge=0)  # code cosines onto the frozen features' joint cosine (0: off)
     similarity_scale: float = Field(1.5, gt=0)  # the feature cosine's scale before clipping (DJSRH's mu)
     knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
@@ -340,9 +341,7 @@ def hashing_loss(
         if params.similarity_weight:
             terms["similarity"] = terms["similarity"] + similarity_preserving_loss(ux, uy, feature_sim)
         if params.label_weight:
-            terms["label"] = terms["label"] + pairwise_label_loss(
-                ux, uy, labels, params.label_scale, params.label_target, params.label_balanced,
-            )
+            terms["label"] = terms["label"] + label_loss(ux, uy, labels, params)
         if known:
             terms["classification"] = terms["classification"] + classification_loss(
                 model.classifiers[str(bits)], ux, uy, labels
@@ -358,6 +357,17 @@ def hashing_loss(
     parts = {name: float(torch.as_tensor(value).detach()) for name, value in terms.items()}
     parts["total"] = float(total.detach())
     return total, parts
+
+
+def label_loss(ux: torch.Tensor, uy: torch.Tensor, labels: torch.Tensor | None, params: LSCHParams) -> torch.Tensor:
+    """The label term: every cross-modal pair of the batch, plus ``label_within`` x each within-modal term."""
+
+    def pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return pairwise_label_loss(a, b, labels, params.label_scale, params.label_target, params.label_balanced)
+
+    if not params.label_within:
+        return pairs(ux, uy)
+    return pairs(ux, uy) + params.label_within * (pairs(ux, ux) + pairs(uy, uy))
 
 
 def alignment_loss(

@@ -1,0 +1,93 @@
+"""Which pairs should the label term score? A screening study on the dev split.
+
+    python -m medhash.benchmarks.label_terms --config training/configs/medpix2-lsch.yaml --bits 64 --seeds 0,1,2
+
+LSCH's label term scores every cross-modal pair of a batch against its labels. Its similarity term (and the manifold
+term) also score the pairs within each modality, at half weight each. Here the label term is LSCH's own
+(:func:`medhash.services.methods.lsch.label_loss`, weight 50) in ``evaluation.md``'s floor recipe with LSCH's
+similarity term (:mod:`medhash.benchmarks.floor_recipe`), on the frozen features every method hashes. The arms:
+
+- the cross-modal pairs only (LSCH until ``label_within``);
+- plus each within-modal term at 0.5 and at 1 of the cross-modal weight;
+- the cross-modal pairs plus DHaPH's multi-positive contrastive term (across and within the modalities, tau 0.3, no
+  self-pacing) at weight 5: the baseline whose labels MAP leads LSCH's at 32 and 64 bits.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medhash.benchmarks.floor_recipe import (
+    LabelTerm,
+    dev_scores,
+    study_arguments,
+    table_header,
+    table_row,
+    train_floor,
+    with_similarity,
+)
+from medhash.services.config import load_config
+from medhash.services.features.featureset import build_featureset
+from medhash.services.methods.dhaph import self_paced_loss
+from medhash.services.methods.losses import pair_features
+from medhash.services.methods.lsch import LSCHParams, label_loss
+from medhash.training.trainer import with_resolved_data
+
+
+def lsch_label_term(within: float) -> LabelTerm:
+    """LSCH's label term at its default weight and scale, with ``within`` x each within-modal term."""
+    params = LSCHParams(label_within=within)
+
+    def term(u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
+        return params.label_weight * label_loss(u, v, labels, params)
+
+    return term
+
+
+def with_multi_positive(weight: float, tau: float = 0.3) -> LabelTerm:
+    """LSCH's cross-modal label term plus ``weight`` x DHaPH's multi-positive contrastive term in all four
+    directions (image-text, text-image, image-image, text-text), without self-pacing."""
+    cross = lsch_label_term(0.0)
+
+    def term(u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
+        pairs = ((u, v), (v, u), (u, u), (v, v))
+        return cross(u, v, labels) + weight * sum(self_paced_loss(a, b, labels, tau, 0.0) for a, b in pairs)
+
+    return term
+
+
+def label_terms_study(config: Path, seeds: list[int], epochs: int, bits: int) -> str:
+    """Markdown: per arm, the dev scores (mean +- std over ``seeds``)."""
+    features = build_featureset(with_resolved_data(load_config(config)), progress=False)
+    train = features.rows("train")
+    image, text = torch.from_numpy(features.image).float(), torch.from_numpy(features.text).float()
+    labels = torch.from_numpy(features.labels.astype(np.float32))
+    frozen = pair_features(image, text)
+    image_inputs, text_inputs = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    arms = {
+        "cross-modal pairs only": lsch_label_term(0.0),
+        "+ 0.5 x each within-modal term": lsch_label_term(0.5),
+        "+ 1 x each within-modal term": lsch_label_term(1.0),
+        "+ 5 x DHaPH's multi-positive contrastive term": with_multi_positive(5.0),
+    }
+    lines = [f"{features.dataset}, {bits} bits, {epochs} epochs, dev queries against train, seeds {seeds}", "",
+             *table_header("label term", "s / epoch")]
+    for arm, term in arms.items():
+        loss = with_similarity(labels, frozen, term)
+        runs = [train_floor(nn.Identity(), image_inputs, text_inputs, loss, train, bits, epochs, seed) for seed in seeds]
+        scores = [dev_scores(features, image_codes, text_codes) for image_codes, text_codes, _ in runs]
+        lines.append(table_row(arm, scores, f"{np.mean([run[2] for run in runs]):.2f}"))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = study_arguments(__doc__.splitlines()[0]).parse_args()
+    print(label_terms_study(args.config, args.seeds, args.epochs, args.bits), flush=True)
+
+
+if __name__ == "__main__":
+    main()
