@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from medhash.benchmarks.floor_recipe import label_bce, train_floor, with_similarity
-from medhash.benchmarks.label_terms import lsch_label_term, with_multi_positive
+from medhash.benchmarks.label_terms import lsch_label_term, with_multi_positive, with_shared_within
 from medhash.services.methods.losses import pair_features
 
 LABELS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # the last item's labels are unknown
@@ -14,6 +14,7 @@ def test_lschs_cross_modal_label_term_is_the_floors():
     u, v = torch.randn(4, 16), torch.randn(4, 16)
     assert torch.isclose(lsch_label_term(0.0)(u, v, LABELS), label_bce()(u, v, LABELS))
     assert lsch_label_term(0.5)(u, v, LABELS) > lsch_label_term(0.0)(u, v, LABELS)
+    assert torch.isclose(with_shared_within(0.0)(u, v, LABELS), label_bce()(u, v, LABELS))
 
 
 def test_the_multi_positive_term_is_lower_when_label_groups_are_together():

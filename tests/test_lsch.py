@@ -280,14 +280,18 @@ def test_pairwise_label_loss_by_hand_and_its_gradient_separates_label_groups():
 
 
 def test_the_label_term_within_each_modality_pulls_an_images_label_group_together():
-    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]]).float()
+    labels = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]]).float()  # item 3 shares only label 0
     g = torch.Generator().manual_seed(6)  # items 0 and 1 start apart (cosine -0.30)
     ux, uy = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
     cross = pairwise_label_loss(ux, uy, labels, 5.0)
     assert torch.isclose(label_loss(ux, uy, labels, LSCHParams()), cross)  # the default: cross-modal pairs only
     within = LSCHParams(label_within=0.5)
-    by_hand = cross + 0.5 * (pairwise_label_loss(ux, ux, labels, 5.0) + pairwise_label_loss(uy, uy, labels, 5.0))
-    assert torch.isclose(label_loss(ux, uy, labels, within), by_hand)
+
+    def within_pairs(target):
+        return pairwise_label_loss(ux, ux, labels, 5.0, target) + pairwise_label_loss(uy, uy, labels, 5.0, target)
+
+    assert torch.isclose(label_loss(ux, uy, labels, within), cross + 0.5 * within_pairs("graded"))
+    assert not torch.isclose(within_pairs("graded"), within_pairs("shared"))  # item 3 against 0 and 1: 0.71, not 1
     ux.requires_grad_(True)
     (label_loss(ux, uy, labels, within) - pairwise_label_loss(ux, uy, labels, 5.0)).backward()
     step = F.normalize(ux.detach() - 0.5 * ux.grad, dim=1)

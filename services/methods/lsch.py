@@ -140,7 +140,8 @@ class LSCHParams(Section):
     label_scale: float = Field(5.0, gt=0)  # sigmoid(label_scale * cosine) is the pair's predicted relevance
     label_balanced: bool = False  # related and unrelated pairs weigh half each, whatever their share of the batch
     label_target: Literal["shared", "graded"] = "shared"  # any shared label = 1, or the label-vector cosine
-    label_within: float = Field(0.0, ge=0)  # weight of each within-modal label term (u^x with u^x, u^y with u^y)
+    # weight of each within-modal label term (u^x with u^x, u^y with u^y), whose target is always "graded"
+    label_within: float = Field(0.0, ge=0)
     similarity_weight: float = Field(10.0, ge=0)  # code cosines onto the frozen features' joint cosine (0: off)
     similarity_scale: float = Field(1.5, gt=0)  # the feature cosine's scale before clipping (DJSRH's mu)
     knn_k: int = Field(5, ge=1)  # neighbours of the feature kNN graph in S_ma
@@ -360,14 +361,17 @@ def hashing_loss(
 
 
 def label_loss(ux: torch.Tensor, uy: torch.Tensor, labels: torch.Tensor | None, params: LSCHParams) -> torch.Tensor:
-    """The label term: every cross-modal pair of the batch, plus ``label_within`` x each within-modal term."""
+    """The label term: every cross-modal pair of the batch against ``label_target``, plus ``label_within`` x each
+    within-modal term against the label-vector cosine ("graded": a modality's items that share a region but not
+    their other labels keep apart)."""
 
-    def pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return pairwise_label_loss(a, b, labels, params.label_scale, params.label_target, params.label_balanced)
+    def pairs(a: torch.Tensor, b: torch.Tensor, target: str) -> torch.Tensor:
+        return pairwise_label_loss(a, b, labels, params.label_scale, target, params.label_balanced)
 
+    cross = pairs(ux, uy, params.label_target)
     if not params.label_within:
-        return pairs(ux, uy)
-    return pairs(ux, uy) + params.label_within * (pairs(ux, ux) + pairs(uy, uy))
+        return cross
+    return cross + params.label_within * (pairs(ux, ux, "graded") + pairs(uy, uy, "graded"))
 
 
 def alignment_loss(
