@@ -59,7 +59,9 @@ Per code length K, summed over the model's code lengths:
   pairs that share a label ("shared") or the cosine of the label vectors ("graded", so the same
   region with another diagnosis is a weaker match than the same diagnosis); unlike the false-negative
   mask, it pushes apart what the labels separate. With ``label_balanced`` the related and the unrelated
-  pairs weigh half each, whatever their share of the batch. In stage A it acts on v^x, v^y as well.
+  pairs weigh half each, whatever their share of the batch. ``label_within`` > 0 adds the pairs within each
+  modality at that share of the weight, against the label-vector cosine (off: on MedPix's dev split it made no
+  difference the seeds separate; docs/results.md). In stage A it acts on v^x, v^y as well.
 - **classification** (weight gamma, ``classification_weight``; off by default): a linear classifier
   per code length predicts each item's labels from u^x and u^y (binary cross-entropy over items with
   labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes.
@@ -390,9 +392,7 @@ def embedding_alignment_loss(
     parts = {"contrastive_v": float(contrastive.detach())}
     loss = contrastive
     if params.label_weight:
-        label = pairwise_label_loss(
-            vx, vy, labels, params.label_scale, params.label_target, params.label_balanced
-        )
+        label = label_loss(vx, vy, labels, params)
         parts["label_v"] = float(label.detach())
         loss = loss + params.label_weight * label
     parts["total"] = float(loss.detach())
