@@ -109,5 +109,6 @@ def main() -> None:
     args = parser.parse_args()
     print(adaptation_study(args.config, args.seeds, args.blocks, args.epochs, args.bits, args.backbone_lr), flush=True)
 
+
 if __name__ == "__main__":
     main()

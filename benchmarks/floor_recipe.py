@@ -115,6 +115,20 @@ def dev_scores(features: FeatureSet, image_codes: np.ndarray, text_codes: np.nda
     return [result[p][d]["recall@10" if p == "pair" else "map@all"] for p, d in COLUMNS]
 
 
+def frozen_feature_study(features: FeatureSet, first: str, arms: dict[str, tuple[Loss, tuple[Tensor, Tensor]]],
+                         seeds: list[int], epochs: int, bits: int) -> str:
+    """Markdown: per arm (its loss, its image and text inputs), the floor's heads trained on the inputs over
+    ``seeds``, their dev scores (mean +- std) and the seconds per epoch; ``first`` names the arms' column."""
+    train = features.rows("train")
+    lines = [f"{features.dataset}, {bits} bits, {epochs} epochs, dev queries against train, seeds {seeds}", "",
+             *table_header(first)]
+    for arm, (loss, (image_inputs, text_inputs)) in arms.items():
+        runs = [train_floor(nn.Identity(), image_inputs, text_inputs, loss, train, bits, epochs, seed) for seed in seeds]
+        scores = [dev_scores(features, image_codes, text_codes) for image_codes, text_codes, _ in runs]
+        lines.append(table_row(arm, scores, f"{np.mean([run[2] for run in runs]):.2f}"))
+    return "\n".join(lines) + "\n"
+
+
 def table_header(first: str, last: str = "s / epoch") -> list[str]:
     """The two header lines of a markdown table with a ``first`` column, the :data:`COLUMNS` and a ``last``."""
     names = [f"{'pair R@10' if p == 'pair' else p} {d.upper()}" for p, d in COLUMNS]

@@ -20,15 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from medhash.benchmarks.floor_recipe import (
     LabelTerm,
-    dev_scores,
+    frozen_feature_study,
     study_arguments,
-    table_header,
-    table_row,
-    train_floor,
     with_similarity,
 )
 from medhash.services.config import load_config
@@ -75,12 +72,11 @@ def with_multi_positive(weight: float, tau: float = 0.3) -> LabelTerm:
 def label_terms_study(config: Path, seeds: list[int], epochs: int, bits: int) -> str:
     """Markdown: per arm, the dev scores (mean +- std over ``seeds``)."""
     features = build_featureset(with_resolved_data(load_config(config)), progress=False)
-    train = features.rows("train")
     image, text = torch.from_numpy(features.image).float(), torch.from_numpy(features.text).float()
     labels = torch.from_numpy(features.labels.astype(np.float32))
     frozen = pair_features(image, text)
-    image_inputs, text_inputs = F.normalize(image, dim=1), F.normalize(text, dim=1)
-    arms = {
+    inputs = (F.normalize(image, dim=1), F.normalize(text, dim=1))
+    terms = {
         "cross-modal pairs only": lsch_label_term(0.0),
         "+ 0.5 x each within-modal term, any shared label": with_shared_within(0.5),
         "+ 0.25 x each within-modal term, label cosine": lsch_label_term(0.25),
@@ -88,14 +84,8 @@ def label_terms_study(config: Path, seeds: list[int], epochs: int, bits: int) ->
         "+ 1 x each within-modal term, label cosine": lsch_label_term(1.0),
         "+ 5 x DHaPH's multi-positive contrastive term": with_multi_positive(5.0),
     }
-    lines = [f"{features.dataset}, {bits} bits, {epochs} epochs, dev queries against train, seeds {seeds}", "",
-             *table_header("label term", "s / epoch")]
-    for arm, term in arms.items():
-        loss = with_similarity(labels, frozen, term)
-        runs = [train_floor(nn.Identity(), image_inputs, text_inputs, loss, train, bits, epochs, seed) for seed in seeds]
-        scores = [dev_scores(features, image_codes, text_codes) for image_codes, text_codes, _ in runs]
-        lines.append(table_row(arm, scores, f"{np.mean([run[2] for run in runs]):.2f}"))
-    return "\n".join(lines) + "\n"
+    arms = {arm: (with_similarity(labels, frozen, term), inputs) for arm, term in terms.items()}
+    return frozen_feature_study(features, "label term", arms, seeds, epochs, bits)
 
 
 def main() -> None:

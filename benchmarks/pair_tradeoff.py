@@ -20,16 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from medhash.benchmarks.floor_recipe import (
-    dev_scores,
     floor_loss,
+    frozen_feature_study,
     label_bce,
     study_arguments,
-    table_header,
-    table_row,
-    train_floor,
     with_similarity,
 )
 from medhash.services.config import load_config
@@ -81,18 +78,13 @@ def tradeoff_study(config: Path, seeds: list[int], epochs: int, bits: int) -> st
         "+ similarity term, canonical coordinates as the heads' inputs":
             (with_similarity(labels, frozen, label_bce()), standardised),
     }
-    lines = [f"{features.dataset}, {bits} bits, {epochs} epochs, dev queries against train, seeds {seeds}", "",
-             *table_header("arm", "s / epoch")]
-    for arm, (loss, (image_inputs, text_inputs)) in arms.items():
-        runs = [train_floor(nn.Identity(), image_inputs, text_inputs, loss, train, bits, epochs, seed) for seed in seeds]
-        scores = [dev_scores(features, image_codes, text_codes) for image_codes, text_codes, _ in runs]
-        lines.append(table_row(arm, scores, f"{np.mean([run[2] for run in runs]):.2f}"))
-    return "\n".join(lines) + "\n"
+    return frozen_feature_study(features, "arm", arms, seeds, epochs, bits)
 
 
 def main() -> None:
     args = study_arguments(__doc__.splitlines()[0]).parse_args()
     print(tradeoff_study(args.config, args.seeds, args.epochs, args.bits), flush=True)
+
 
 if __name__ == "__main__":
     main()
