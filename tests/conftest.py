@@ -21,6 +21,24 @@ for _name, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_name, _value)
 
 
+def start_local_ray(**init_kwargs) -> None:
+    """``ray.init`` of a test's own local cluster, tried a second time if its raylet did not register.
+
+    Ray gives a new node's raylet a fixed 30 s to register with the GCS. In one CI run, on 2 cores still busy with
+    the previous module's cluster shutting down its workers, a raylet missed that and the whole module errored at
+    set-up; the same fixture alone starts in seconds. A second miss fails the test as before.
+    """
+    import ray
+
+    try:
+        ray.init(**init_kwargs)
+    except Exception as error:  # Ray raises a bare Exception for this
+        if "timed out during startup" not in str(error):
+            raise
+        ray.shutdown()
+        ray.init(**init_kwargs)
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now."""
     with socket.socket() as s:

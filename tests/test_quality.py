@@ -13,6 +13,8 @@ from medhash.benchmarks.quality import DEFAULT_METHODS, compare, tables
 from medhash.services.registry import method_names
 from medhash.services.run_dir import RunDir
 
+from conftest import start_local_ray
+
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
@@ -68,7 +70,7 @@ def test_every_method_trains_through_ray_train_on_tiny_data_and_beats_random_cod
     (tmp_path / "baselines.yaml").write_text(yaml.safe_dump(raw))
     split_file = swapped_split_file(tmp_path / "baselines.yaml", tmp_path / "split.csv")  # an evaluator's own split
     methods = [m for m in DEFAULT_METHODS if m != "lsch"]  # LSCH's own Ray Train tests are in test_training.py
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_local_ray(num_cpus=2, include_dashboard=False)
     try:
         report = compare(methods, (16, 32), (0,), {"lsch": None, "baselines": tmp_path / "baselines.yaml"},
                          tmp_path / "q", split_file=split_file)

@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import free_port, wait_for
+from conftest import free_port, start_local_ray, wait_for
 from medhash.serving.ingest import index_features, ingest_dataset
 from medhash.serving.pipeline import Pipeline
 from medhash.services.codes import hamming_distances
@@ -50,7 +50,7 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_local_ray(num_cpus=2, include_dashboard=False)
     yield
     serve.shutdown()
     ray.shutdown()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ctrl_c_enabled, registered_checkpoints, wait_for
+from conftest import ctrl_c_enabled, registered_checkpoints, start_local_ray, wait_for
 from medhash.services.codes import hamming_distances, load_codes_npz, unpack_codes
 from medhash.services.config import load_config
 from medhash.services.errors import ConfigError
@@ -52,7 +52,7 @@ def tiny_features(shared_data):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")  # Ray Train's State API queries need it
+    start_local_ray(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")  # Ray Train's State API queries need it
     yield
     ray.shutdown()
 
