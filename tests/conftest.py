@@ -24,9 +24,10 @@ for _name, _value in LOCAL_RAY_ENV.items():
 def start_local_ray(**init_kwargs) -> None:
     """``ray.init`` of a test's own local cluster, tried a second time if its raylet did not register.
 
-    Ray gives a new node's raylet a fixed 30 s to register with the GCS. In one CI run, on 2 cores still busy with
-    the previous module's cluster shutting down its workers, a raylet missed that and the whole module errored at
-    set-up; the same fixture alone starts in seconds. A second miss fails the test as before.
+    Ray gives a new node's raylet a fixed 30 s to register with the GCS (a constant, no setting). In one CI run,
+    6 s after the previous module's cluster of some 30 workers shut down on the 2 cores, a raylet missed that and
+    test_serving's whole module errored at set-up; run alone, the same module set up and passed. A second miss
+    fails the tests as before.
     """
     import ray
 

@@ -64,7 +64,9 @@ Per code length K, summed over the model's code lengths:
   difference the seeds separate; docs/results.md). In stage A it acts on v^x, v^y as well.
 - **classification** (weight gamma, ``classification_weight``; off by default): a linear classifier
   per code length predicts each item's labels from u^x and u^y (binary cross-entropy over items with
-  labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes.
+  labels), as MSACH's linear classification constraint: every label, however rare, shapes the codes
+  (off: beside the label term, on MedPix's dev split at weight 1 it traded topic MAP I2T for pair recall T2I;
+  docs/results.md, "A label classifier on the codes").
 
 The defaults, as a set, beat the previous ones on MedPix's dev split over 3 seeds (docs/results.md,
 "Tuning on dev"): the label term (at weight 50 beside the similarity term at 10, chosen later on dev, "Pair
